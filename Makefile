@@ -1,0 +1,51 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CUDA kernels are built only where a GPU can run them; .ci/run compile-checks them separately.
+S2H_SKIP_CUDA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
+export S2H_SKIP_CUDA
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: setup install demo test test-fast bench cuda-check wheel clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Pinned torch/torchvision (CUDA 13.0 builds); the rest from PyPI.
+$(VENV)/.deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.deps
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+
+setup: install
+
+demo: install
+	$(BIN)/python -m s2h demo
+
+test: install
+	$(BIN)/python -m pytest tests benchmarks --benchmark-disable -q
+
+test-fast: install
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds --benchmark-json=benchmarks/results/cpu.json
+
+# The only check CUDA C++ gets without a GPU: build every .cu for sm_90 (a full link, out of tree).
+cuda-check: $(VENV)/.deps
+	@start=$$(date +%s); \
+	S2H_SKIP_CUDA=0 S2H_CUDA_ARCHS="9.0" $(BIN)/python setup.py -q build_ext \
+	    --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib && \
+	echo "CUDA compile check (sm_90): $$(( $$(date +%s) - start )) s"
+
+# A wheel for S2H_CUDA_ARCHS (default 8.0;9.0): `make wheel S2H_CUDA_ARCHS="8.0;9.0a"`.
+wheel: $(VENV)/.deps
+	S2H_SKIP_CUDA=0 $(BIN)/python -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info s2h_kernels/_C*.so

@@ -1,0 +1,9 @@
+// Shared by the CPU (.cpp) and CUDA (.cu) sources: the per-element and per-row math lives in
+// S2H_HD inline functions, so the math CUDA runs is the math the CPU tests check.
+#pragma once
+
+#if defined(__CUDACC__)
+#define S2H_HD __host__ __device__ __forceinline__
+#else
+#define S2H_HD inline
+#endif

@@ -1,0 +1,25 @@
+// The schema of every s2h op, in one TORCH_LIBRARY block. Implementations register per device
+// in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels and autograd are registered in Python
+// (s2h_kernels/<op>.py). Keep one block per op, in the op's own section.
+#include <torch/library.h>
+
+TORCH_LIBRARY(s2h, m) {
+  // ---- channel_masks (s2h_kernels/channel_masks.py) ----
+  // hard_mode: 0 = threshold t = mean(w) (paper), 1 = ceil(E) rounded up to the divisor.
+  m.def("channel_masks(Tensor u, Tensor offsets, Tensor divisors, float temperature, int hard_mode)"
+        " -> (Tensor w, Tensor expected, Tensor keep)");
+  m.def("channel_masks_backward(Tensor grad_w, Tensor grad_expected, Tensor u, Tensor offsets,"
+        " Tensor divisors, float temperature) -> Tensor");
+
+  // ---- kl_gap / ca_kld (s2h_kernels/kl_gap.py) ----
+
+  // ---- spmm (s2h_kernels/spmm.py) ----
+}
+
+// An empty Python module so that `import s2h_kernels._C` loads the library and runs the
+// registrations above. No pybind11: it would pull torch/extension.h into this file.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}

@@ -1,0 +1,10 @@
+"""Fused kernels for S2HPruner and teacher-guided one-shot pruning.
+
+Each op has a C++ CPU kernel, a CUDA C++ kernel and a Triton kernel, a pure-PyTorch reference in
+``s2h_kernels.reference``, and a fake kernel and autograd registered with ``torch.library``.
+"""
+from . import _C  # noqa: F401  loads TORCH_LIBRARY(s2h, ...) and the C++ kernels
+from . import reference
+from .channel_masks import channel_masks
+
+__all__ = ["channel_masks", "reference"]
