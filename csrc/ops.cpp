@@ -6,8 +6,9 @@
 TORCH_LIBRARY(s2h, m) {
   // ---- channel_masks (s2h_kernels/channel_masks.py) ----
   // hard_mode: 0 = threshold t = mean(w) (paper), 1 = ceil(E) rounded up to the divisor.
-  m.def("channel_masks(Tensor u, Tensor offsets, Tensor divisors, float temperature, int hard_mode)"
-        " -> (Tensor w, Tensor expected, Tensor keep)");
+  // num_channels = sum_g buckets_g * divisors_g, passed in so fake kernels know w's size.
+  m.def("channel_masks(Tensor u, Tensor offsets, Tensor divisors, float temperature, int hard_mode,"
+        " SymInt num_channels) -> (Tensor w, Tensor expected, Tensor keep)");
   m.def("channel_masks_backward(Tensor grad_w, Tensor grad_expected, Tensor u, Tensor offsets,"
         " Tensor divisors, float temperature) -> Tensor");
 

@@ -38,7 +38,8 @@ def channel_masks(
     divisors = [1] * n_groups if divisors is None else [int(d) for d in divisors]
     ws, es, ks = [], [], []
     for g in range(n_groups):
-        ug = u[offsets[g] : offsets[g + 1]].float()
+        # fp32 math for half inputs, as the kernels do; fp64 stays fp64.
+        ug = u[offsets[g] : offsets[g + 1]].to(torch.promote_types(u.dtype, torch.float32))
         d = divisors[g]
         p = torch.softmax(ug / temperature, dim=0)
         w = torch.flip(torch.cumsum(torch.flip(p, [0]), 0), [0])
