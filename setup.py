@@ -50,7 +50,7 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -march=native: wheels run on other machines. ISA-specific code is compiled per
     # function with target attributes and chosen at run time.
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     link = ["-fopenmp"]
     if cuda_toolkit_found():
         archs = os.environ.get("S2H_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS

@@ -8,7 +8,9 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -53,25 +55,80 @@ std::vector<int64_t> channel_starts(const at::Tensor& u, const at::Tensor& offse
   return starts;
 }
 
+// exp(x - m) for a row, into out, returning the sum. The float version is a Cephes-style
+// polynomial (relative error about 1e-7) written branch-free so the compiler vectorises it
+// (an AVX2 clone is chosen at run time; -fno-trapping-math lets the selects if-convert); libm's
+// expf is a scalar call per element and was most of this op's time. NaN stays NaN, -inf gives 0.
+__attribute__((target_clones("avx2", "default")))
+float exp_shifted_sum(const float* __restrict x, float m, float* __restrict out, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v0 = x[j] - m;
+    const float v = v0 > -87.3f ? v0 : -87.3f;
+    const float fn = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(v / ln 2)
+    const float r = (v - fn * 0.693359375f) + fn * 2.12194440e-4f;          // v - fn ln 2, two steps
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const float scale = std::bit_cast<float>((int32_t(fn) + 127) << 23);  // 2^fn
+    float y = v0 > -87.3f ? p * scale : 0.f;
+    y = v0 == v0 ? y : v0;
+    out[j] = y;
+    sum += y;
+  }
+  return sum;
+}
+
+double exp_shifted_sum(const double* x, double m, double* out, int64_t n) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (out[j] = std::exp(x[j] - m));
+  return sum;
+}
+
+// p = softmax(u / tau) of one group into p (length n). Returns nothing; NaN propagates.
+template <typename scalar_t, typename acc_t>
+void group_softmax(const scalar_t* u, int64_t n, acc_t inv_tau, std::vector<acc_t>& x, std::vector<acc_t>& p) {
+  x.resize(n);
+  p.resize(n);
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = acc_t(u[j]) * inv_tau;
+    mx = std::max(mx, x[j]);
+  }
+  if (mx == std::numeric_limits<acc_t>::infinity()) mx = std::numeric_limits<acc_t>::quiet_NaN();  // +inf logit
+  const acc_t inv_s = acc_t(1) / exp_shifted_sum(x.data(), mx, p.data(), n);
+  for (int64_t j = 0; j < n; ++j) p[j] *= inv_s;
+}
+
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> x, p;
+};
+
 template <typename scalar_t, typename acc_t>
 void masks_one_group(const scalar_t* u, int64_t n, int64_t d, acc_t inv_tau, int64_t mode, scalar_t* w,
-                     scalar_t* expected, int64_t* keep, std::vector<acc_t>& wb) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, acc_t(u[j]) * inv_tau);
-  acc_t s = 0;
-  for (int64_t j = 0; j < n; ++j) s += std::exp(acc_t(u[j]) * inv_tau - mx);
-  wb.resize(n);
+                     scalar_t* expected, int64_t* keep, Scratch<acc_t>& sc) {
+  group_softmax(u, n, inv_tau, sc.x, sc.p);
+  std::vector<acc_t>& wb = sc.x;  // x is no longer needed: reuse it for w
   acc_t run = 0, sum_w = 0;
   for (int64_t j = n - 1; j >= 0; --j) {  // reverse cumsum of p
-    run += std::exp(acc_t(u[j]) * inv_tau - mx) / s;
+    run += sc.p[j];
     wb[j] = run;
     sum_w += run;
   }
   const acc_t mean_w = sum_w / acc_t(n);
   int64_t above = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    above += kept_by_threshold(wb[j], mean_w);
-    for (int64_t r = 0; r < d; ++r) w[j * d + r] = scalar_t(wb[j]);
+  for (int64_t j = 0; j < n; ++j) above += kept_by_threshold(wb[j], mean_w);
+  if (d == 1) {
+    for (int64_t j = 0; j < n; ++j) w[j] = scalar_t(wb[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t r = 0; r < d; ++r) w[j * d + r] = scalar_t(wb[j]);
   }
   *expected = scalar_t(acc_t(d) * sum_w);
   *keep = hard_keep_buckets(sum_w, above, n, mode) * d;
@@ -79,24 +136,18 @@ void masks_one_group(const scalar_t* u, int64_t n, int64_t d, acc_t inv_tau, int
 
 template <typename scalar_t, typename acc_t>
 void masks_backward_one_group(const scalar_t* gw, acc_t ge, const scalar_t* u, int64_t n, int64_t d, acc_t inv_tau,
-                              scalar_t* gu, std::vector<acc_t>& gp) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, acc_t(u[j]) * inv_tau);
-  acc_t s = 0;
-  for (int64_t j = 0; j < n; ++j) s += std::exp(acc_t(u[j]) * inv_tau - mx);
-  gp.resize(n);
+                              scalar_t* gu, Scratch<acc_t>& sc) {
+  group_softmax(u, n, inv_tau, sc.x, sc.p);
+  std::vector<acc_t>& gp = sc.x;
   acc_t run = 0, dot = 0;
   for (int64_t j = 0; j < n; ++j) {  // cumsum of the bucket gradients: gp_k = sum_{j<=k} gw_j
     acc_t channels = 0;
     for (int64_t r = 0; r < d; ++r) channels += acc_t(gw[j * d + r]);
     run += bucket_grad(channels, ge, d);
     gp[j] = run;
-    dot += std::exp(acc_t(u[j]) * inv_tau - mx) / s * run;
+    dot += sc.p[j] * run;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t p = std::exp(acc_t(u[j]) * inv_tau - mx) / s;
-    gu[j] = scalar_t(softmax_input_grad(p, gp[j], dot, inv_tau));
-  }
+  for (int64_t j = 0; j < n; ++j) gu[j] = scalar_t(softmax_input_grad(sc.p[j], gp[j], dot, inv_tau));
 }
 
 int64_t grain_for(int64_t groups, int64_t buckets) {
@@ -125,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_masks_cpu(const at::Tenso
     scalar_t* ep = expected.data_ptr<scalar_t>();
     const acc_t inv_tau = acc_t(1.0 / temperature);
     at::parallel_for(0, groups, grain_for(groups, u.numel()), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch;
+      Scratch<acc_t> scratch;
       for (int64_t g = begin; g < end; ++g)
         masks_one_group<scalar_t, acc_t>(up + o[g], o[g + 1] - o[g], d[g], inv_tau, hard_mode, wp + starts[g], ep + g,
                                          k + g, scratch);
@@ -155,7 +206,7 @@ at::Tensor channel_masks_backward_cpu(const at::Tensor& grad_w_, const at::Tenso
     scalar_t* gup = gu.data_ptr<scalar_t>();
     const acc_t inv_tau = acc_t(1.0 / temperature);
     at::parallel_for(0, groups, grain_for(groups, u.numel()), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch;
+      Scratch<acc_t> scratch;
       for (int64_t g = begin; g < end; ++g)
         masks_backward_one_group<scalar_t, acc_t>(gwp + starts[g], acc_t(gep[g]), up + o[g], o[g + 1] - o[g], d[g],
                                                   inv_tau, gup + o[g], scratch);
