@@ -44,8 +44,13 @@ cuda-check: $(VENV)/.deps
 	echo "CUDA compile check (sm_90): $$(( $$(date +%s) - start )) s"
 
 # A wheel for S2H_CUDA_ARCHS (default 8.0;9.0): `make wheel S2H_CUDA_ARCHS="8.0;9.0a"`.
+# It then lists the cubins in the wheel with cuobjdump and fails unless they are exactly those.
+S2H_CUDA_ARCHS ?= 8.0;9.0
 wheel: $(VENV)/.deps
-	S2H_SKIP_CUDA=0 $(BIN)/python -m pip wheel --no-build-isolation --no-deps -w dist .
+	rm -rf dist build/wheel
+	S2H_SKIP_CUDA=0 S2H_CUDA_ARCHS="$(S2H_CUDA_ARCHS)" $(BIN)/python -m pip wheel --no-build-isolation --no-deps -w dist .
+	$(BIN)/pip install -q nvidia-cuda-cuobjdump
+	$(BIN)/python tools/check_wheel_archs.py dist/s2h-*.whl "$(S2H_CUDA_ARCHS)"
 
 clean:
 	rm -rf build dist *.egg-info s2h_kernels/_C*.so
