@@ -166,6 +166,16 @@ class ChannelSpec:
         return f"ChannelSpec(size={self.size}, segments={list(self.segments)})"
 
 
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` (built on the meta device) the parameters and buffers of ``old``, shared."""
+    for name in list(new._parameters):
+        new._parameters[name] = old._parameters[name]
+    for name in list(old._buffers):
+        new._buffers[name] = old._buffers[name]
+    new.train(old.training)
+    return new
+
+
 def _take(t: torch.Tensor | None, dim: int, sel) -> torch.Tensor | None:
     if t is None or sel is None:
         return t
@@ -284,10 +294,8 @@ class S2HConv2d(_S2HMixin, nn.Conv2d):
     @classmethod
     def from_module(cls, m: nn.Conv2d) -> "S2HConv2d":
         new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                  m.groups, m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-        new.load_state_dict(m.state_dict())
-        new.train(m.training)
-        return new
+                  m.groups, m.bias is not None, m.padding_mode, device="meta", dtype=m.weight.dtype)
+        return _adopt(new, m)
 
     def _conv(self, x, weight, bias, groups):
         if self.padding_mode != "zeros":
@@ -352,10 +360,8 @@ class S2HLinear(_S2HMixin, nn.Linear):
 
     @classmethod
     def from_module(cls, m: nn.Linear) -> "S2HLinear":
-        new = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-        new.load_state_dict(m.state_dict())
-        new.train(m.training)
-        return new
+        new = cls(m.in_features, m.out_features, m.bias is not None, device="meta", dtype=m.weight.dtype)
+        return _adopt(new, m)
 
     def hard_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         dev = self.weight.device
@@ -475,12 +481,13 @@ class _S2HBatchNorm(_S2HNormMixin):
 
     @classmethod
     def from_module(cls, m):
-        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                  device=(m.weight.device if m.weight is not None else None),
+        new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta",
                   dtype=(m.weight.dtype if m.weight is not None else None))
-        new.load_state_dict(m.state_dict(), strict=False)
-        new.reset_branch_stats("dense")
-        new.train(m.training)
+        _adopt(new, m)
+        if new.track_running_stats:
+            for br in ("soft", "hard"):
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    new._buffers[f"{name}_{br}"] = getattr(new, name).detach().clone()
         return new
 
     def _bn(self, x, br: str, sel, scale):
@@ -571,11 +578,9 @@ class S2HLayerNorm(_S2HNormMixin, nn.LayerNorm):
 
     @classmethod
     def from_module(cls, m: nn.LayerNorm) -> "S2HLayerNorm":
-        new = cls(m.normalized_shape, m.eps, m.elementwise_affine, m.bias is not None,
-                  device=(m.weight.device if m.weight is not None else None),
+        new = cls(m.normalized_shape, m.eps, m.elementwise_affine, m.bias is not None, device="meta",
                   dtype=(m.weight.dtype if m.weight is not None else None))
-        new.load_state_dict(m.state_dict())
-        return new
+        return _adopt(new, m)
 
     def _ln(self, x, sel, scale):
         weight, bias = _take(self.weight, 0, sel), _take(self.bias, 0, sel)

@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import operator
-import os
 import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from s2h_kernels import channel_masks
 
 from . import flops as _flops
 from .groups import GroupInfo, find_groups, reorder_channels, trace_errors
@@ -38,27 +38,11 @@ from .layers import (
     current_branch,
 )
 
-__all__ = ["S2HModel", "convert", "channel_masks"]
+__all__ = ["S2HModel", "convert"]
 
 HARD_WIDTHS = ("threshold", "expected")
 
 
-def _load_channel_masks():
-    """``s2h_kernels.channel_masks`` (the fused op); the pure-PyTorch reference until it exists."""
-    try:
-        from s2h_kernels import channel_masks as fn
-
-        return fn
-    except ImportError:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "s2h_kernels", "reference", "channel_masks.py")
-        spec = importlib.util.spec_from_file_location("_s2h_reference_channel_masks", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.channel_masks
-
-
-channel_masks = _load_channel_masks()
 
 
 class S2HModel(nn.Module):
@@ -92,6 +76,7 @@ class S2HModel(nn.Module):
                              persistent=False)
         self.register_buffer("group_channels", torch.tensor([g.channels for g in groups], dtype=torch.int64, device=dev),
                              persistent=False)
+        self._unit_divisors = all(g.divisor == 1 for g in groups)
         self._mask_state = state
         table = _flops.FlopsTable(costs, len(groups))
         self.flops_layers = table.names
@@ -123,8 +108,9 @@ class S2HModel(nn.Module):
         """
         if self.hard_width not in HARD_WIDTHS:
             raise ValueError(f"S2HModel: hard_width must be one of {HARD_WIDTHS}, got {self.hard_width!r}")
+        divisors = None if self._unit_divisors else self.group_divisors
         w, e, keep = channel_masks(self.u, self.group_offsets, temperature=self.temperature,
-                                   divisors=self.group_divisors, hard_width=self.hard_width)
+                                   divisors=divisors, hard_width=self.hard_width)
         self._mask_state.set(w, e, keep, version=self._mask_version())
         return w, e, keep
 
