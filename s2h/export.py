@@ -119,14 +119,7 @@ def export(model, widths=None) -> nn.Module:
     ``s2h_config`` so that :func:`save` can store it.
     """
     keep = _keep_list(model, widths)
-    # copy without the S2H state (the masks' autograd graph must not be deep-copied)
-    state = model._mask_state
-    saved = (state.w, state.expected, state.keep, state.keep_list, state.version)
-    state.clear()
-    try:
-        net = copy.deepcopy(model.model)
-    finally:
-        state.w, state.expected, state.keep, state.keep_list, state.version = saved
+    net = copy.deepcopy(model.model)  # the copy's MaskState starts empty (no autograd graph copied)
     replaced: dict[nn.Module, nn.Module] = {}
     for _, mod in net.named_modules():
         if isinstance(mod, S2H_LAYER_TYPES) and mod not in replaced:

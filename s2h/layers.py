@@ -200,6 +200,12 @@ class MaskState:
         self.keep_list: list[int] | None = None
         self.version: tuple | None = None  # what the cache was computed from
 
+    def __deepcopy__(self, memo):
+        # a copy starts without cached masks: they hold an autograd graph into the original's u
+        new = MaskState(self.channel_offsets)
+        memo[id(self)] = new
+        return new
+
     def set(self, w, expected, keep, version=None) -> None:
         self.w, self.expected, self.keep = w, expected, keep
         self.keep_list = [int(k) for k in keep.tolist()]
@@ -348,6 +354,10 @@ class S2HConv2d(_S2HMixin, nn.Conv2d):
 class S2HLinear(_S2HMixin, nn.Linear):
     """``nn.Linear`` with soft / hard / dense branches. Same constructor plus ``mask_group``."""
 
+    #: backend of ``forward_pair``: None = the Triton dual-GEMM on CUDA, two calls on the CPU;
+    #: "triton" forces the kernel (on CPU tensors it needs TRITON_INTERPRET=1); "cpu" two calls.
+    pair_backend: str | None = None
+
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, mask_group=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._s2h_init(mask_group)
@@ -412,10 +422,11 @@ class S2HLinear(_S2HMixin, nn.Linear):
             raise RuntimeError("S2HLinear.forward_pair: the layer is not bound to an S2HModel (use s2h.convert)")
         self._s2h_state.require("paired", self)
         widths = self._prefix_widths()
-        if x_soft.is_cuda and widths is not None:
+        use_kernel = self.pair_backend == "triton" or (self.pair_backend is None and x_soft.is_cuda)
+        if use_kernel and widths is not None:
             from s2h_kernels.dual_linear import dual_linear
 
-            ys, yh = dual_linear(x_soft, x_hard, self.weight, self.bias, widths[0], widths[1])
+            ys, yh = dual_linear(x_soft, x_hard, self.weight, self.bias, widths[0], widths[1], backend="triton")
             return self._soft_scale(ys), yh
         w, b = self.hard_weight()
         return self._forward_soft(x_soft), F.linear(x_hard, w, b)
