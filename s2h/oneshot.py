@@ -43,6 +43,7 @@ all loadable with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
 import math
@@ -60,7 +61,7 @@ from torch import nn
 __all__ = [
     "DEFAULT_EXCLUDE", "IMPORTANCE_METHODS", "PRUNABLE_TYPES",
     "ca_kld", "total_loss", "prunable_weights", "distill", "train", "importance", "magnitude_importance",
-    "compute_importance", "prune", "apply_masks", "retrain", "evaluate", "sparsity_report",
+    "compute_importance", "prune", "apply_masks", "retrain", "evaluate", "recalibrate_bn", "sparsity_report",
     "save_pruned", "load_pruned", "add_arguments", "main",
 ]
 
@@ -280,7 +281,9 @@ def _fit(model: nn.Module, loader, epochs: int, *, teacher: nn.Module | None = N
     checked = False
     try:
         for epoch in range(epochs):
-            t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            t0, seen, step = time.perf_counter(), 0, 0
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # on device: no sync per step
+            correct = torch.zeros((), device=device, dtype=torch.long)
             for x, y in _batches(loader, op):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 out = model(x)
@@ -302,13 +305,15 @@ def _fit(model: nn.Module, loader, epochs: int, *, teacher: nn.Module | None = N
                 if sched is not None:
                     sched.step()
                 n = y.shape[0]
-                loss_sum += float(loss.detach()) * n
-                correct += int((out.detach().argmax(-1) == y).sum())
-                seen += n
+                loss_sum += loss.detach().double() * n
+                correct += (out.detach().argmax(-1) == y).sum()
+                seen, step = seen + n, step + 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}")
-            history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_top1": 100 * correct / max(seen, 1),
-                            "seconds": time.perf_counter() - t0})
+                if progress and (step % 10 == 0 or step == steps_per_epoch):
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss_sum) / seen:.4f}",
+                                    acc=f"{100 * int(correct) / seen:.1f}")
+            history.append({"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
+                            "train_top1": 100 * int(correct) / max(seen, 1), "seconds": time.perf_counter() - t0})
     finally:
         bar.close()
         model.train(was_training)
@@ -390,6 +395,37 @@ def evaluate(model: nn.Module, loader, device=None, progress: bool = False, desc
     finally:
         model.train(was_training)
     return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen, "n": seen}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader, batches: int = 16, device=None) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` batches (in place).
+
+    Pruning changes the activations, so the dense model's running statistics no longer fit; this
+    replaces them by the cumulative average over the given batches. Weights are not changed.
+    """
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"recalibrate_bn: batches must be a positive int, got {batches!r}")
+    device = torch.device(device) if device is not None else _device_of(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    saved = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches seen
+    model.train()
+    try:
+        for i, (x, _) in enumerate(_batches(loader, "recalibrate_bn")):
+            if i >= batches:
+                break
+            model(x.to(device, non_blocking=True))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+    return model
 
 
 # ============================================================================================
@@ -733,6 +769,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layers never pruned: comma list of 'first conv', 'classifier', module names or "
                         "patterns (layer4.*); 'none' prunes all (default: 'first conv,classifier')")
     k.add_argument("--no-kd-retrain", action="store_true", help="retrain the pruned student with CE only")
+    k.add_argument("--recalibrate-bn", type=int, default=0, metavar="BATCHES",
+                   help="also report the pruned student's accuracy before retraining with BatchNorm statistics "
+                        "re-estimated on this many training batches (on a copy; retraining is unaffected)")
     o = p.add_argument_group("run")
     o.add_argument("--out", default=None, help="output folder (default runs/oneshot-<data>)")
     o.add_argument("--seed", type=int, default=0)
@@ -868,6 +907,10 @@ def main(args: argparse.Namespace) -> dict:
             student.load_state_dict(dense_state)
             masks = prune(student, scores, s, exclude=args.exclude, scope=args.scope)
             before = evaluate(student, data.test, device)
+            before_bn = None
+            if args.recalibrate_bn > 0:
+                before_bn = evaluate(recalibrate_bn(copy.deepcopy(student), data.train, args.recalibrate_bn, device),
+                                     data.test, device)
             hist = retrain(student, masks, data.train, args.retrain_epochs, teacher=retrain_teacher, lr=args.retrain_lr or args.lr,
                            **kd, **opt)
             after = evaluate(student, data.test, device)
@@ -880,9 +923,13 @@ def main(args: argparse.Namespace) -> dict:
                    "retrain_kd": retrain_teacher is not None, "retrain_epochs": len(hist),
                    "importance_seconds": score_seconds, "seconds": time.perf_counter() - t0, "path": str(rel),
                    "layers": {k: v["sparsity"] for k, v in rep["layers"].items()}}
+            bn_note = ""
+            if before_bn is not None:
+                run["top1_pruned_bn_recalibrated"] = before_bn["top1"]
+                bn_note = f" ({before_bn['top1']:.2f}% with BN recalibrated)"
             runs.append(run)
             log(f"{method:>9s} sparsity {s:.2%}: pruned {rep['pruned']}/{rep['numel']} -> top-1 {before['top1']:.2f}% "
-                f"before retraining, {after['top1']:.2f}% after {'KD ' if run['retrain_kd'] else ''}retraining")
+                f"before retraining{bn_note}, {after['top1']:.2f}% after {'KD ' if run['retrain_kd'] else ''}retraining")
     summary["runs"] = runs
     summary["seconds_total"] = time.perf_counter() - t_start
     if len(args.sparsity) > 1:

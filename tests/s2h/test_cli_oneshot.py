@@ -25,7 +25,7 @@ def restore_threads():
 def test_oneshot_digits_two_sparsities_three_methods(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["oneshot", "--out", str(out), "--sparsity", "0.5,0.9", "--importance",
-                   "magnitude,grad-ce,grad-kd", *QUICK])
+                   "magnitude,grad-ce,grad-kd", "--recalibrate-bn", "2", *QUICK])
     assert rc == 0
     text = capsys.readouterr().out
     for phrase in ("teacher small_cnn_teacher: top-1", "dense student small_cnn_student: top-1",
@@ -38,7 +38,7 @@ def test_oneshot_digits_two_sparsities_three_methods(tmp_path, capsys):
     assert len(s["runs"]) == 6
     for r in s["runs"]:
         assert r["pruned"] == round(r["sparsity"] * n) and r["prunable"] == n and r["retrain_kd"]
-        assert {"top1_pruned", "top1_retrained", "layers"} <= set(r)
+        assert {"top1_pruned", "top1_pruned_bn_recalibrated", "top1_retrained", "layers"} <= set(r)
         model, masks = oneshot.load_pruned(out / r["path"])  # rebuilt from model.json's spec
         assert sum(int((~m).sum()) for m in masks.values()) == r["pruned"]
         params = dict(model.named_parameters())

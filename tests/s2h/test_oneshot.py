@@ -466,6 +466,24 @@ def test_distill_moves_student_towards_teacher():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_recalibrate_bn_matches_batch_statistics():
+    model = randomize_bn(tiny_model(seed=4))
+    loader = tiny_loader(n=48, batch=16, seed=6)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    oneshot.recalibrate_bn(model, loader, batches=3)
+    # reference: the first BN's input over all 48 samples; its running mean is their channel mean
+    x = torch.cat([xb for xb, _ in loader])
+    with torch.no_grad():
+        h = model.features[0](x)
+    bn = model.features[1]
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    # unbiased per-batch variances averaged over the 3 equal batches
+    var = torch.stack([h[i:i + 16].var((0, 2, 3), unbiased=True) for i in range(0, 48, 16)]).mean(0)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1 and model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
 # ------------------------------------------------------------------ masks on disk
 
 
