@@ -13,6 +13,12 @@ TORCH_LIBRARY(s2h, m) {
         " Tensor divisors, float temperature) -> Tensor");
 
   // ---- kl_gap / ca_kld (s2h_kernels/kl_gap.py) ----
+  // Per-row loss (float32 for 16-bit inputs) and both gradients of it, times grad_scale, in one pass.
+  m.def("kl_gap(Tensor soft, Tensor hard, float temperature, float grad_scale=1.0)"
+        " -> (Tensor loss, Tensor grad_soft, Tensor grad_hard)");
+  // gamma=None: the teacher's mean top-1 probability (softmax of the raw logits) over the batch.
+  m.def("ca_kld(Tensor student, Tensor teacher, float temperature, float? gamma, bool standardize,"
+        " float eps, float grad_scale=1.0) -> (Tensor loss, Tensor grad_student, Tensor gamma)");
 
   // ---- spmm (s2h_kernels/spmm.py) ----
 }

@@ -6,5 +6,6 @@ Each op has a C++ CPU kernel, a CUDA C++ kernel and a Triton kernel, a pure-PyTo
 from . import _C  # noqa: F401  loads TORCH_LIBRARY(s2h, ...) and the C++ kernels
 from . import reference
 from .channel_masks import channel_masks
+from .kl_gap import ca_kld, kl_gap, kl_gap_with_grads
 
 __all__ = ["channel_masks", "reference"]

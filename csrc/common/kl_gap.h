@@ -1,0 +1,331 @@
+// Per-element and per-row math of the fused KL gap (DESIGN §2) and CA-KLD (DESIGN §3), shared by
+// csrc/cpu/kl_gap.cpp and csrc/cuda/kl_gap.cu: the math the GPU runs is the math the CPU tests check.
+//
+// Conventions (A is the accumulation type: float for fp32/fp16/bf16 inputs, double for fp64):
+// * Logits enter as a = s / T, b = h / T. A row's softmax is kept online as (m, z): m is the running
+//   maximum, z = sum_j exp(a_j - m). Other sums ride along, scaled with z when m moves. Each
+//   element costs one exp (the "up" branch rescales the old sums instead of the new term).
+// * Everything is written in log-softmax form: log p_j = a_j - lse_a. A term p_j * f_j is taken as
+//   0 when p_j == 0 (a -inf logit or an underflowed probability), so masked classes and softmax
+//   underflow never turn into 0 * inf = NaN. NaN inputs are never zeroed: they reach z (exp(NaN)
+//   is NaN, and NaN * 0 is NaN), hence the row's lse, loss and gradients.
+// * Functions take the state as separate scalars (not a struct) so the CPU kernel can keep one
+//   state per SIMD lane in plain arrays that the compiler vectorises.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/macros.h"
+
+// S2H_HD, and always inlined on the host: the CPU kernel's vectorised loops need every call in
+// them inlined, and GCC's heuristics give up on these inside the per-ISA target functions.
+#if defined(__CUDACC__)
+#define S2H_KL_HD S2H_HD
+#else
+#define S2H_KL_HD S2H_HD __attribute__((always_inline))
+#endif
+
+namespace s2h {
+namespace kl {
+
+template <typename A>
+S2H_KL_HD A neg_inf() {
+  return -static_cast<A>(INFINITY);
+}
+
+S2H_KL_HD float bits_to_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+#endif
+}
+
+// exp(x) for x <= 0 in float (correct up to x < 88.37 as well), about 2 ulp, branch-free so it
+// vectorises (Cephes expf: x = n ln2 + r, degree-6 polynomial, 2^n built in the exponent bits).
+// Results below exp(-87) (the smallest value that stays a normal float) flush to 0: a denormal
+// probability is a zero probability here, and denormals would slow every later SIMD operation.
+// -inf -> 0, NaN -> NaN.
+S2H_KL_HD float exp_f32(float x) {
+  const float kLo = -87.0f, kHi = 88.3762626647949f;
+  float xc = x != x ? 0.0f : x;  // keep NaN out of the float -> int conversion below
+  xc = xc < kLo ? kLo : xc;
+  xc = xc > kHi ? kHi : xc;
+  // Round x*log2(e) to the nearest integer with the 1.5*2^23 shifter (exact for |n| < 2^22).
+  const float kShift = 12582912.0f;
+  const float t = xc * 1.44269504088896341f + kShift;
+  const float n = t - kShift;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const float res = y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  return x != x ? x : (x < kLo ? 0.0f : res);
+}
+
+S2H_KL_HD float kexp(float x) { return exp_f32(x); }
+S2H_KL_HD double kexp(double x) { return exp(x); }
+S2H_KL_HD float klog(float x) { return logf(x); }
+S2H_KL_HD double klog(double x) { return log(x); }
+S2H_KL_HD float ksqrt(float x) { return sqrtf(x); }
+S2H_KL_HD double ksqrt(double x) { return sqrt(x); }
+
+// e * f with the convention 0 * anything = 0 when e == 0 (a zero probability contributes nothing).
+// NaN e stays NaN.
+template <typename A>
+S2H_KL_HD A pmul(A e, A f) {
+  return e == A(0) ? A(0) : e * f;
+}
+
+// ---- online softmax --------------------------------------------------------------------------
+
+// Pushes logit x into (m, z). Returns through `old` the factor the other sums of this stream must
+// be multiplied by, and through `e` the weight exp(x - m_new) of x's own terms.
+template <typename A>
+S2H_KL_HD void push(A& m, A& z, A x, A& old, A& e) {
+  const bool up = x > m;  // false for NaN x: it lands in z through e = exp(NaN)
+  const A ed = kexp(up ? m - x : x - m);
+  old = up ? ed : A(1);
+  e = up ? A(1) : (x == neg_inf<A>() ? A(0) : ed);  // -inf after -inf would give exp(NaN)
+  m = up ? x : m;
+  z = z * old + e;
+}
+
+// Merges stream (m2, z2) into (m, z); returns the scale factors of both sides' other sums.
+template <typename A>
+S2H_KL_HD void merge(A& m, A& z, A m2, A z2, A& s1, A& s2) {
+  const A mm = m2 > m ? m2 : m;
+  s1 = m == neg_inf<A>() ? A(0) : kexp(m - mm);
+  s2 = m2 == neg_inf<A>() ? A(0) : kexp(m2 - mm);
+  z = z * s1 + z2 * s2;  // NaN * 0 stays NaN
+  m = mm;
+}
+
+// acc * s1 + acc2 * s2 with 0-scaled sides dropped (their inf terms are underflowed probabilities).
+template <typename A>
+S2H_KL_HD A rescale_add(A acc, A s1, A acc2, A s2) {
+  return pmul(s1, acc) + pmul(s2, acc2);
+}
+
+template <typename A>
+S2H_KL_HD A lse(A m, A z) {
+  return m + klog(z);
+}
+
+// ---- KL gap: d = KL(p || q), p = softmax(s/T) (target, soft), q = softmax(h/T) (hard) ---------
+// State: soft stream (ms, zs) with w = sum_j e_j (a_j - b_j); hard stream (mh, zh).
+// Then d = w / zs - (lse_s - lse_h).
+
+template <typename A>
+S2H_KL_HD void gap_init(A& ms, A& zs, A& w, A& mh, A& zh) {
+  ms = neg_inf<A>();
+  zs = A(0);
+  w = A(0);
+  mh = neg_inf<A>();
+  zh = A(0);
+}
+
+template <typename A>
+S2H_KL_HD void gap_push(A& ms, A& zs, A& w, A& mh, A& zh, A a, A b) {
+  A old, e;
+  push(ms, zs, a, old, e);
+  w = pmul(old, w) + pmul(e, a - b);
+  push(mh, zh, b, old, e);
+}
+
+template <typename A>
+S2H_KL_HD void gap_merge(A& ms, A& zs, A& w, A& mh, A& zh, A ms2, A zs2, A w2, A mh2, A zh2) {
+  A s1, s2;
+  merge(ms, zs, ms2, zs2, s1, s2);
+  w = rescale_add(w, s1, w2, s2);
+  merge(mh, zh, mh2, zh2, s1, s2);
+}
+
+// Row constants for the gradient pass; d is the row's loss.
+template <typename A>
+struct GapRow {
+  A lse_s, lse_h, d;
+};
+
+template <typename A>
+S2H_KL_HD GapRow<A> gap_finalize(A ms, A zs, A w, A mh, A zh) {
+  GapRow<A> r;
+  r.lse_s = lse(ms, zs);
+  r.lse_h = lse(mh, zh);
+  r.d = w / zs - (r.lse_s - r.lse_h);
+  return r;
+}
+
+// Gradients of d at one element, times gscale (= grad_scale / T):
+//   dd/dh = (q - p) / T,   dd/ds = p (log p - log q - d) / T.
+template <typename A>
+S2H_KL_HD void gap_grads(const GapRow<A>& r, A a, A b, A gscale, A& gs, A& gh) {
+  const A ls = a - r.lse_s, lh = b - r.lse_h;
+  const A p = kexp(ls), q = kexp(lh);
+  gh = (q - p) * gscale;
+  gs = pmul(p, ls - lh - r.d) * gscale;
+}
+
+// ---- CA-KLD ---------------------------------------------------------------------------------
+// Student a, teacher b (both standardised and divided by T, or just divided by T);
+// s = softmax(a), t = softmax(b), c = lse_s - lse_t:
+//   KLf = KL(t || s) = sum t (b - a) + c,   KLr = KL(s || t) = sum s (a - b) - c,
+//   loss = gamma KLf + (1 - gamma) KLr,
+//   g_a = dloss/da = gamma (s - t) + (1 - gamma) s (log s - log t - KLr).
+// Standardisation y = (z - mu) / (sigma + eps), a = y / T, sigma with Bessel's correction over the
+// n finite (non -inf) logits of the row; -inf logits (masked classes) stay -inf and take no part in
+// mu and sigma. The chain rule through mu and sigma gives
+//   dloss/dz_j = alpha g_a_j - kappa a_j,  alpha = 1 / ((sigma + eps) T),
+//   kappa = T G / ((n - 1) sigma),  G = sum_i g_a_i a_i   (kappa = 0 when sigma == 0: the limit),
+// using sum_i g_a_i = 0 (both softmax gradients sum to zero). Without standardisation alpha = 1/T,
+// kappa = 0. G expands into sums that ride along the online pass:
+//   G = gamma (Sas/zs - Sat/zt) + (1 - gamma) (Sab/zs - (c + KLr) Sas/zs),
+//   Sas = sum e_s a, Sat = sum e_t a, Sab = sum e_s (a - b) a.
+
+// Welford update over the finite logits of a row (n counts them; NaN and +inf do count).
+template <typename A>
+S2H_KL_HD void welford_push(A& n, A& mean, A& m2, A z) {
+  const bool take = z != neg_inf<A>();
+  const A n1 = n + A(1);
+  const A delta = z - mean;
+  const A mean1 = mean + delta / n1;
+  const A m21 = m2 + delta * (z - mean1);
+  n = take ? n1 : n;
+  mean = take ? mean1 : mean;
+  m2 = take ? m21 : m2;
+}
+
+// Chan's parallel merge of two Welford states.
+template <typename A>
+S2H_KL_HD void welford_merge(A& n, A& mean, A& m2, A n2, A mean2, A m22) {
+  const A nn = n + n2;
+  if (n2 == A(0)) return;
+  if (n == A(0)) {
+    n = n2;
+    mean = mean2;
+    m2 = m22;
+    return;
+  }
+  const A delta = mean2 - mean;
+  mean = mean + delta * (n2 / nn);
+  m2 = m2 + m22 + delta * delta * (n * n2 / nn);
+  n = nn;
+}
+
+// Affine map z -> (z - shift) * alpha of one row, and the n and sigma its chain rule needs.
+template <typename A>
+struct Affine {
+  A shift, alpha, n, sigma;
+};
+
+template <typename A>
+S2H_KL_HD Affine<A> standardize_affine(A n, A mean, A m2, A inv_t, A eps) {
+  Affine<A> f;
+  const A denom = n > A(1) ? n - A(1) : A(1);
+  f.sigma = ksqrt(m2 / denom);
+  f.shift = mean;
+  f.alpha = inv_t / (f.sigma + eps);
+  f.n = n;
+  return f;
+}
+
+template <typename A>
+S2H_KL_HD Affine<A> plain_affine(A inv_t) {
+  Affine<A> f;
+  f.shift = A(0);
+  f.alpha = inv_t;
+  f.n = A(0);
+  f.sigma = A(0);
+  return f;
+}
+
+template <typename A>
+S2H_KL_HD A affine_apply(const Affine<A>& f, A z) {
+  return (z - f.shift) * f.alpha;  // -inf stays -inf (alpha > 0)
+}
+
+// Online state of both streams. Student: ms, zs, ws = sum e_s (a - b), sas, sab; teacher: mt, zt,
+// wt = sum e_t (b - a), sat.
+template <typename A>
+S2H_KL_HD void cak_init(A& ms, A& zs, A& ws, A& sas, A& sab, A& mt, A& zt, A& wt, A& sat) {
+  ms = neg_inf<A>();
+  mt = neg_inf<A>();
+  zs = ws = sas = sab = zt = wt = sat = A(0);
+}
+
+// with_g = false skips the sums only standardisation needs.
+template <typename A, bool with_g>
+S2H_KL_HD void cak_push(A& ms, A& zs, A& ws, A& sas, A& sab, A& mt, A& zt, A& wt, A& sat, A a, A b) {
+  A old, e;
+  push(ms, zs, a, old, e);
+  const A ab = a - b;
+  ws = pmul(old, ws) + pmul(e, ab);
+  if (with_g) {
+    sas = pmul(old, sas) + pmul(e, a);
+    sab = pmul(old, sab) + pmul(e, ab * a);
+  }
+  push(mt, zt, b, old, e);
+  wt = pmul(old, wt) + pmul(e, -ab);
+  if (with_g) sat = pmul(old, sat) + pmul(e, a);
+}
+
+template <typename A>
+S2H_KL_HD void cak_merge(A& ms, A& zs, A& ws, A& sas, A& sab, A& mt, A& zt, A& wt, A& sat, A ms2, A zs2,
+                      A ws2, A sas2, A sab2, A mt2, A zt2, A wt2, A sat2) {
+  A s1, s2;
+  merge(ms, zs, ms2, zs2, s1, s2);
+  ws = rescale_add(ws, s1, ws2, s2);
+  sas = rescale_add(sas, s1, sas2, s2);
+  sab = rescale_add(sab, s1, sab2, s2);
+  merge(mt, zt, mt2, zt2, s1, s2);
+  wt = rescale_add(wt, s1, wt2, s2);
+  sat = rescale_add(sat, s1, sat2, s2);
+}
+
+template <typename A>
+struct CakRow {
+  A lse_s, lse_t, klr, loss, gamma, alpha, kappa;
+};
+
+template <typename A>
+S2H_KL_HD CakRow<A> cak_finalize(A ms, A zs, A ws, A sas, A sab, A mt, A zt, A wt, A sat, A gamma,
+                              const Affine<A>& f, A inv_t, bool standardize) {
+  CakRow<A> r;
+  r.lse_s = lse(ms, zs);
+  r.lse_t = lse(mt, zt);
+  const A c = r.lse_s - r.lse_t;
+  r.klr = ws / zs - c;
+  const A klf = wt / zt + c;
+  r.loss = gamma * klf + (A(1) - gamma) * r.klr;
+  r.gamma = gamma;
+  r.alpha = f.alpha;
+  r.kappa = A(0);
+  if (standardize && f.sigma > A(0) && f.n > A(1)) {
+    const A g = gamma * (sas / zs - sat / zt) + (A(1) - gamma) * (sab / zs - (c + r.klr) * (sas / zs));
+    r.kappa = g / (inv_t * (f.n - A(1)) * f.sigma);  // T G / ((n - 1) sigma)
+  }
+  return r;
+}
+
+// Gradient of the row loss with respect to one raw student logit z (a = its mapped value, b the
+// mapped teacher logit), times grad_scale.
+template <typename A>
+S2H_KL_HD A cak_grad(const CakRow<A>& r, A a, A b, A grad_scale) {
+  const A ls = a - r.lse_s, lt = b - r.lse_t;
+  const A s = kexp(ls), t = kexp(lt);
+  const A ga = r.gamma * (s - t) + (A(1) - r.gamma) * pmul(s, ls - lt - r.klr);
+  const A chain = a == neg_inf<A>() ? A(0) : r.kappa * a;  // masked logits skip mu and sigma
+  return (r.alpha * ga - chain) * grad_scale;
+}
+
+}  // namespace kl
+}  // namespace s2h
