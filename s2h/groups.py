@@ -32,7 +32,7 @@ class Member:
 
     ``kind``: "out" (conv/linear output channels), "in" (conv/linear input channels),
     "norm" (a BatchNorm/LayerNorm's channels), "depthwise" (a depthwise conv: input = output).
-    ``positions[j]`` lists the entries of channel ``j`` (root order) in this dimension.
+    ``segment`` says where the group's channels sit in this dimension.
     """
 
     module: str
@@ -161,8 +161,9 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
             dep = item.dep
             mod = dep.target.module
             node = dep.target
-            if isinstance(mod, ops._OutputOp) or not node.outputs:
-                reaches_output = True
+            carries_group = isinstance(mod, fine_ops) or dg.is_out_channel_pruning_fn(dep.handler)
+            if isinstance(mod, ops._OutputOp) or (not node.outputs and carries_group):
+                reaches_output = True  # the group's channels are (part of) the model's output
             if isinstance(mod, fine_ops):
                 continue
             if isinstance(mod, (ops._SplitOp, ops._SliceOp, ops._UnbindOp, ops._ExpandOp)):
@@ -202,9 +203,12 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
         if channels // d < 2:
             continue  # a single bucket: nothing to choose
         gi = len(groups)
-        mem = [Member(m.module, m.kind, Segment(gi, m.segment.start, m.segment.channels, m.segment.repeat))
-               for m in members.values()]
-        groups.append(GroupInfo(name=root, channels=channels, divisor=d, members=mem))
+        order = {n: i for i, n in enumerate(names.values())}
+        mem = sorted((Member(m.module, m.kind, Segment(gi, m.segment.start, m.segment.channels, m.segment.repeat))
+                      for m in members.values()), key=lambda m: order.get(m.module, len(order)))
+        # named after its first producer in module order (the stem conv, a block's first conv, ...)
+        gname = next(m.module for m in mem if m.kind in ("out", "depthwise"))
+        groups.append(GroupInfo(name=gname, channels=channels, divisor=d, members=mem))
     return groups
 
 

@@ -20,6 +20,9 @@ from torch import nn
 import s2h
 from s2h_reference import macs, plain_copy, random_u, randomize_norms, tp_prune
 
+CLASSIFIER = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc", "resnet56": "fc", "wrn28_10": "fc",
+              "mobilenet_v3_small": "classifier.3", "mobilenet_v3_large": "classifier.3", "vgg16_bn": "classifier.6"}
+
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(), 64),
     "resnet50": (lambda: torchvision.models.resnet50(), 64),
@@ -67,6 +70,17 @@ def test_reorder_preserves_function(case):
         with s2h.branch("dense"):
             out = model(x)
     _close(out, ref, rel=1e-4, atol=1e-4)
+
+
+def test_every_layer_but_the_classifier_is_pruned(case):
+    """Each conv/linear's output channels are in exactly one group, except the classifier's classes."""
+    name, original, model, x = case
+    layers = {n for n, m in original.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    producers = [m.module for g in model.groups for m in g.members if m.kind in ("out", "depthwise")]
+    assert len(producers) == len(set(producers))
+    assert set(producers) == layers - {CLASSIFIER[name]}
+    out_spec = model.model.get_submodule(CLASSIFIER[name]).out_spec
+    assert out_spec is None
 
 
 def test_hard_branch_matches_torch_pruning(case):
