@@ -42,6 +42,7 @@ cuda-check: $(VENV)/.deps
 	S2H_SKIP_CUDA=0 S2H_CUDA_ARCHS="9.0" $(BIN)/python setup.py -q build_ext \
 	    --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib && \
 	echo "CUDA compile check (sm_90): $$(( $$(date +%s) - start )) s"
+	$(BIN)/python tools/check_cuda_build.py build/cuda-check/lib/s2h_kernels/_C*.so
 
 # A wheel for S2H_CUDA_ARCHS (default 8.0;9.0): `make wheel S2H_CUDA_ARCHS="8.0;9.0a"`.
 # It then lists the cubins in the wheel with cuobjdump and fails unless they are exactly those.

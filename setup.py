@@ -11,7 +11,13 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+# torch derives CUDA_HOME from `which nvcc` when unset; a wrapper script on PATH (as in
+# /usr/local/bin/nvcc here) then points it at a directory without libcudart. Prefer the toolkit.
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 # torch adds no -gencode flags of its own once ours are present, so the binary holds exactly these.
 DEFAULT_ARCHS = "8.0;9.0"
