@@ -141,7 +141,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=lambda m, x: m(*x), verbose=False)
         raw = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
-                                     root_module_types=[nn.Conv2d, nn.Linear]))
+                                     root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
     finally:
         for m, t in modes.items():
             m.training = t
@@ -155,15 +155,12 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
         root_mod = g[0].dep.target.module
         root = names.get(root_mod, str(root_mod))
         channels = len(g[0].idxs)
-        reaches_output = False
+        if any(_reaches_output(dg, item.dep, fine_ops) for item in g.items):
+            continue  # the group's channels are (part of) the model's output: never pruned
         members: dict[tuple[str, str], Member] = {}
         for item in g.items:
             dep = item.dep
             mod = dep.target.module
-            node = dep.target
-            carries_group = isinstance(mod, fine_ops) or dg.is_out_channel_pruning_fn(dep.handler)
-            if isinstance(mod, ops._OutputOp) or (not node.outputs and carries_group):
-                reaches_output = True  # the group's channels are (part of) the model's output
             if isinstance(mod, fine_ops):
                 continue
             if isinstance(mod, (ops._SplitOp, ops._SliceOp, ops._UnbindOp, ops._ExpandOp)):
@@ -197,8 +194,6 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
             if key in members:
                 continue
             members[key] = Member(module=name, kind=kind, segment=seg)
-        if reaches_output:
-            continue
         d = _group_divisor(channels, divisor)
         if channels // d < 2:
             continue  # a single bucket: nothing to choose
@@ -209,7 +204,21 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
         # named after its first producer in module order (the stem conv, a block's first conv, ...)
         gname = next(m.module for m in mem if m.kind in ("out", "depthwise"))
         groups.append(GroupInfo(name=gname, channels=channels, divisor=d, members=mem))
+    order = {n: i for i, n in enumerate(names.values())}
+    groups.sort(key=lambda g: order.get(g.name, len(order)))
+    for gi, g in enumerate(groups):
+        g.members = [Member(m.module, m.kind, Segment(gi, m.segment.start, m.segment.channels, m.segment.repeat))
+                     for m in g.members]
     return groups
+
+
+def _reaches_output(dg, dep, fine_ops) -> bool:
+    ops = _tp().ops
+    mod, node = dep.target.module, dep.target
+    if isinstance(mod, ops._OutputOp):
+        return True
+    carries_group = isinstance(mod, fine_ops) or dg.is_out_channel_pruning_fn(dep.handler)
+    return not node.outputs and carries_group
 
 
 def _is_s2h(mod, *cls_names) -> bool:

@@ -108,6 +108,11 @@ class S2HModel(nn.Module):
         """
         if self.hard_width not in HARD_WIDTHS:
             raise ValueError(f"S2HModel: hard_width must be one of {HARD_WIDTHS}, got {self.hard_width!r}")
+        if not self.groups:  # nothing to prune (everything ignored or unprunable)
+            w, e = self.u.new_zeros(0), self.u.new_zeros(0)
+            keep = torch.zeros(0, dtype=torch.int64, device=self.u.device)
+            self._mask_state.set(w, e, keep, version=self._mask_version())
+            return w, e, keep
         divisors = None if self._unit_divisors else self.group_divisors
         w, e, keep = channel_masks(self.u, self.group_offsets, temperature=self.temperature,
                                    divisors=divisors, hard_width=self.hard_width)
@@ -378,9 +383,10 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     """
     _check_args(model, target_flops, divisor, temperature, hard_width)
     inputs = _example_tuple(example_inputs)
+    _, ignored_names = _resolve_ignored(model, ignored_layers)  # names, against the caller's model
     if not inplace:
         model = copy.deepcopy(model)
-    ignored, ignored_names = _resolve_ignored(model, ignored_layers)
+    ignored, _ = _resolve_ignored(model, ignored_names or None)
     groups = find_groups(model, inputs, ignored, divisor)
     if reorder:
         reorder_channels(model, groups)
@@ -398,8 +404,8 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
                 d["in"].append(m.segment)
     grouped_norms = {n for g in groups for m in g.members if m.kind == "norm" for n in [m.module]}
 
-    modes = {m: m.training for m in model.modules()}
     layers = _replace_modules(model, grouped_norms)
+    modes = {m: m.training for m in model.modules()}  # the new layers adopted their originals' modes
     channel_offsets = [0]
     for g in groups:
         channel_offsets.append(channel_offsets[-1] + g.channels)
@@ -444,5 +450,5 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     finally:
         for m, t in modes.items():
             m.training = t
-    s2h.train(model.training)
+    s2h.training = model.training  # the wrapper only: submodules keep their own modes
     return s2h

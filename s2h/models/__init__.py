@@ -1,5 +1,8 @@
 """Model definitions used in the papers' experiments (CIFAR-style networks take 32x32 input)."""
-from .cifar import resnet56, wrn28_10
+from .cifar import CifarResNet, WideResNet, resnet56, wrn28_10
 from .small_cnn import SmallCNN, build_model, small_cnn_student, small_cnn_teacher  # noqa: F401
 
-__all__ = ["resnet56", "wrn28_10", "SmallCNN", "build_model", "small_cnn_student", "small_cnn_teacher"]
+__all__ = [
+    "CifarResNet", "WideResNet", "resnet56", "wrn28_10",
+    "SmallCNN", "build_model", "small_cnn_student", "small_cnn_teacher",
+]
