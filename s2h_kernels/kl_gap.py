@@ -96,16 +96,17 @@ def _kl_gap_kernel(
         sh = tl.where(mh_new == float("-inf"), 0.0, mh_new)
         zh = zh * tl.exp(mh - sh) + tl.sum(tl.exp(b - sh), axis=0)
         mh = mh_new
-    lse_s = ms + tl.log(zs)
-    lse_h = mh + tl.log(zh)
-    d = w / zs - (lse_s - lse_h)
+    # log p = (a - ms) - lzs, in that order: the largest logit's log p is exact even for huge |a|.
+    lzs = tl.log(zs)
+    lzh = tl.log(zh)
+    d = w / zs - ((ms - mh) + (lzs - lzh))
     # Pass 2: both gradients.
     for c in range(0, C, BLOCK):
         valid = c + offs < C
         a = tl.load(s_row + c + offs, mask=valid, other=float("-inf")).to(ACC) * inv_t
         b = tl.load(h_row + c + offs, mask=valid, other=float("-inf")).to(ACC) * inv_t
-        ls = a - lse_s
-        lh = b - lse_h
+        ls = (a - ms) - lzs
+        lh = (b - mh) - lzh
         p = tl.exp(ls)
         q = tl.exp(lh)
         gh = (q - p) * gscale
@@ -210,9 +211,9 @@ def _ca_kld_kernel(
         if STD:
             sat = _rescale(sat, old) + tl.sum(_pmul(et, a), axis=0)
         mt = mt_new
-    lse_s = ms + tl.log(zs)
-    lse_t = mt + tl.log(zt)
-    cc = lse_s - lse_t
+    lzs = tl.log(zs)
+    lzt = tl.log(zt)
+    cc = (ms - mt) + (lzs - lzt)
     klr = ws / zs - cc
     klf = wt / zt + cc
     tl.store(loss_ptr + row, gamma * klf + (1.0 - gamma) * klr)
@@ -226,8 +227,8 @@ def _ca_kld_kernel(
         valid = c + offs < C
         a = (tl.load(zs_row + c + offs, mask=valid, other=float("-inf")).to(ACC) - shift_s) * alpha_s
         b = (tl.load(zt_row + c + offs, mask=valid, other=float("-inf")).to(ACC) - shift_t) * alpha_t
-        ls = a - lse_s
-        lt = b - lse_t
+        ls = (a - ms) - lzs
+        lt = (b - mt) - lzt
         s = tl.exp(ls)
         t = tl.exp(lt)
         ga = gamma * (s - t) + (1.0 - gamma) * _pmul(s, ls - lt - klr)

@@ -5,7 +5,9 @@
 // * Logits enter as a = s / T, b = h / T. A row's softmax is kept online as (m, z): m is the running
 //   maximum, z = sum_j exp(a_j - m). Other sums ride along, scaled with z when m moves. Each
 //   element costs one exp (the "up" branch rescales the old sums instead of the new term).
-// * Everything is written in log-softmax form: log p_j = a_j - lse_a. A term p_j * f_j is taken as
+// * Everything is written in log-softmax form: log p_j = (a_j - m) - log z, in that order (as
+//   torch's log_softmax does), so the largest logit gets log p exactly 0 - log z even when |a| is
+//   large; m + log z is never formed. A term p_j * f_j is taken as
 //   0 when p_j == 0 (a -inf logit or an underflowed probability), so masked classes and softmax
 //   underflow never turn into 0 * inf = NaN. NaN inputs are never zeroed: they reach z (exp(NaN)
 //   is NaN, and NaN * 0 is NaN), hence the row's lse, loss and gradients.
@@ -116,9 +118,26 @@ S2H_KL_HD A rescale_add(A acc, A s1, A acc2, A s2) {
   return pmul(s1, acc) + pmul(s2, acc2);
 }
 
+// The log-softmax offset of a row: log p_j = (a_j - m) - lz, lz = log z.
 template <typename A>
-S2H_KL_HD A lse(A m, A z) {
-  return m + klog(z);
+struct Lse {
+  A m, lz;
+};
+
+template <typename A>
+S2H_KL_HD Lse<A> make_lse(A m, A z) {
+  return Lse<A>{m, klog(z)};
+}
+
+template <typename A>
+S2H_KL_HD A log_softmax(const Lse<A>& l, A x) {
+  return (x - l.m) - l.lz;
+}
+
+// lse_1 - lse_2 = (m1 - m2) + (lz1 - lz2).
+template <typename A>
+S2H_KL_HD A lse_diff(const Lse<A>& l1, const Lse<A>& l2) {
+  return (l1.m - l2.m) + (l1.lz - l2.lz);
 }
 
 // ---- KL gap: d = KL(p || q), p = softmax(s/T) (target, soft), q = softmax(h/T) (hard) ---------
@@ -153,15 +172,16 @@ S2H_KL_HD void gap_merge(A& ms, A& zs, A& w, A& mh, A& zh, A ms2, A zs2, A w2, A
 // Row constants for the gradient pass; d is the row's loss.
 template <typename A>
 struct GapRow {
-  A lse_s, lse_h, d;
+  Lse<A> ls, lh;
+  A d;
 };
 
 template <typename A>
 S2H_KL_HD GapRow<A> gap_finalize(A ms, A zs, A w, A mh, A zh) {
   GapRow<A> r;
-  r.lse_s = lse(ms, zs);
-  r.lse_h = lse(mh, zh);
-  r.d = w / zs - (r.lse_s - r.lse_h);
+  r.ls = make_lse(ms, zs);
+  r.lh = make_lse(mh, zh);
+  r.d = w / zs - lse_diff(r.ls, r.lh);
   return r;
 }
 
@@ -169,7 +189,7 @@ S2H_KL_HD GapRow<A> gap_finalize(A ms, A zs, A w, A mh, A zh) {
 //   dd/dh = (q - p) / T,   dd/ds = p (log p - log q - d) / T.
 template <typename A>
 S2H_KL_HD void gap_grads(const GapRow<A>& r, A a, A b, A gscale, A& gs, A& gh) {
-  const A ls = a - r.lse_s, lh = b - r.lse_h;
+  const A ls = log_softmax(r.ls, a), lh = log_softmax(r.lh, b);
   const A p = kexp(ls), q = kexp(lh);
   gh = (q - p) * gscale;
   gs = pmul(p, ls - lh - r.d) * gscale;
@@ -293,16 +313,17 @@ S2H_KL_HD void cak_merge(A& ms, A& zs, A& ws, A& sas, A& sab, A& mt, A& zt, A& w
 
 template <typename A>
 struct CakRow {
-  A lse_s, lse_t, klr, loss, gamma, alpha, kappa;
+  Lse<A> ls, lt;
+  A klr, loss, gamma, alpha, kappa;
 };
 
 template <typename A>
 S2H_KL_HD CakRow<A> cak_finalize(A ms, A zs, A ws, A sas, A sab, A mt, A zt, A wt, A sat, A gamma,
                               const Affine<A>& f, A inv_t, bool standardize) {
   CakRow<A> r;
-  r.lse_s = lse(ms, zs);
-  r.lse_t = lse(mt, zt);
-  const A c = r.lse_s - r.lse_t;
+  r.ls = make_lse(ms, zs);
+  r.lt = make_lse(mt, zt);
+  const A c = lse_diff(r.ls, r.lt);
   r.klr = ws / zs - c;
   const A klf = wt / zt + c;
   r.loss = gamma * klf + (A(1) - gamma) * r.klr;
@@ -320,7 +341,7 @@ S2H_KL_HD CakRow<A> cak_finalize(A ms, A zs, A ws, A sas, A sab, A mt, A zt, A w
 // mapped teacher logit), times grad_scale.
 template <typename A>
 S2H_KL_HD A cak_grad(const CakRow<A>& r, A a, A b, A grad_scale) {
-  const A ls = a - r.lse_s, lt = b - r.lse_t;
+  const A ls = log_softmax(r.ls, a), lt = log_softmax(r.lt, b);
   const A s = kexp(ls), t = kexp(lt);
   const A ga = r.gamma * (s - t) + (A(1) - r.gamma) * pmul(s, ls - lt - r.klr);
   const A chain = a == neg_inf<A>() ? A(0) : r.kappa * a;  // masked logits skip mu and sigma
