@@ -21,6 +21,13 @@ TORCH_LIBRARY(s2h, m) {
         " float eps, float grad_scale=1.0) -> (Tensor loss, Tensor grad_student, Tensor gamma)");
 
   // ---- spmm (s2h_kernels/spmm.py) ----
+  // W (M x K) as int32 CSR (row_ptr [M+1], col_idx [nnz]) + values [nnz]; y = act(W @ x + bias).
+  // row_order (optional): the GPU row swizzle, rows by decreasing nnz; the CPU ignores it.
+  m.def("spmm(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order, Tensor x, Tensor? bias, bool relu)"
+        " -> Tensor");
+  // Direct sparse conv2d; W is the (M, C/groups*kh*kw) matrix in F.unfold column order.
+  m.def("spmm_conv2d(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor x, Tensor? bias, int[2] kernel_size,"
+        " int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
 }
 
 // An empty Python module so that `import s2h_kernels._C` loads the library and runs the

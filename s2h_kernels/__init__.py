@@ -7,5 +7,6 @@ from . import _C  # noqa: F401  loads TORCH_LIBRARY(s2h, ...) and the C++ kernel
 from . import reference
 from .channel_masks import channel_masks
 from .kl_gap import ca_kld, kl_gap, kl_gap_with_grads
+from .spmm import SparseWeight, spmm, spmm_conv2d
 
 __all__ = ["channel_masks", "reference"]

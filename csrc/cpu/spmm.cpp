@@ -1,0 +1,771 @@
+// CPU sparse (CSR) x dense matmul and direct sparse conv2d.  Schemas in csrc/ops.cpp.
+//
+//   s2h::spmm(values, row_ptr, col_idx, x, bias?, relu)            y = act(W @ x + bias)
+//   s2h::spmm_conv2d(values, row_ptr, col_idx, x, bias?, kernel_size, stride, padding,
+//                    dilation, groups, relu)                        y = act(conv2d(x, W) + bias)
+//
+// Micro-kernel (in the style of XNNPACK's SpMM): one output row times one tile of N columns.
+// For every nonzero w = W[r, k] the kernel broadcasts w and FMAs it into V accumulator vectors
+// with V vectors of the X row k: the tile lives in registers (V*16 floats with AVX-512, V*8
+// with AVX2), X is read once per nonzero, and W once per tile.  Short tiles (small N) keep
+// enough independent FMA chains by splitting the nonzeros of a row over U accumulator sets.
+// N == 1 (a Linear layer at batch 1) uses a gather dot product per row instead.
+//
+// Work split: rows are cut into one contiguous range per thread with equal nnz (+ a fixed cost
+// per row); problems with few rows split the N tiles instead.  ISA: AVX-512 / AVX2+FMA /
+// portable C++, chosen at run time with __builtin_cpu_supports (S2H_SPMM_ISA=avx512|avx2|scalar
+// forces a lower one, for tests).  float64 runs the portable kernel.
+//
+// Conv without im2col: the input is copied once into a zero-padded, stride-phase-split buffer
+// (csrc/common/spmm.h, conv_tap_offset), every column of the packed (M, C/g*kh*kw) weight
+// becomes an element offset into it, and the output is computed on the grid q = oh*wq + ow
+// with contiguous loads along ow.  1x1 convs without padding read the input itself.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/spmm.h"
+
+// GCC flags the "undefined" lanes inside its own AVX-512 intrinsic headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace s2h::spmm {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// ISA choice
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar";
+}
+
+Isa best_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+    return Isa::scalar;
+  }();
+  return best;
+}
+
+Isa active_isa() {
+  const char* env = std::getenv("S2H_SPMM_ISA");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best_isa();
+  Isa want;
+  if (std::strcmp(env, "avx512") == 0) want = Isa::avx512;
+  else if (std::strcmp(env, "avx2") == 0) want = Isa::avx2;
+  else if (std::strcmp(env, "scalar") == 0) want = Isa::scalar;
+  else TORCH_CHECK(false, "spmm: S2H_SPMM_ISA=", env, " is not one of auto, avx512, avx2, scalar");
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "spmm: S2H_SPMM_ISA=", env,
+              " but this CPU supports at most ", isa_name(best_isa()));
+  return want;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Kernel interface.  A "tile" call computes rows [r0, r1) of one tile of nv (<= tile width)
+// columns:  y[r*ldy + i] = epilogue(sum_j vals[j] * xq[off[j] + i], bias[r], relu),  with the
+// nonzeros of row r at j in [row_ptr[r], row_ptr[r+1]) and off indexed from nnz_base.
+template <typename T>
+struct TileArgs {
+  const T* vals;
+  const int32_t* rs;   // nonzeros of row r in this K panel: j in [rs[r], re[r])
+  const int32_t* re;
+  const int32_t* off;  // X element offset of each nonzero, off[j - nnz_base]
+  int64_t nnz_base;
+  int64_t r0, r1;
+  const T* xq;  // X + batch offset + first column of the tile
+  T* y;         // row r at y + r * ldy (r counted from 0, not r0)
+  int64_t ldy;
+  int64_t nv;   // valid columns in this tile
+  const T* bias;
+  bool relu;
+  bool first;  // first K panel: start from the bias, else from the partial sums in y
+  bool last;   // last K panel: apply the ReLU
+};
+template <typename T>
+using TileFn = void (*)(const TileArgs<T>&);
+
+// N == 1: y[r*ldy] = epilogue(sum_j vals[j] * x[col[j]], bias[r], relu) for r in [r0, r1).
+template <typename T>
+using DotFn = void (*)(const T* vals, const int32_t* row_ptr, const int32_t* col, int64_t r0, int64_t r1,
+                       const T* x, T* y, int64_t ldy, const T* bias, bool relu);
+
+template <typename T>
+struct Kernels {
+  int width;             // columns per vector
+  int vmax;              // vectors per full tile
+  TileFn<T> full[9];     // by vector count V = 1..vmax, every vector full
+  TileFn<T> tail[9];     // by V, the last vector partial
+  DotFn<T> dot;
+  int64_t tile_cols() const { return static_cast<int64_t>(width) * vmax; }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Portable kernels (any dtype).  The tile is a plain array the compiler vectorises with the
+// baseline ISA.
+constexpr int kScalarTile = 32;
+
+template <typename T>
+void tile_scalar(const TileArgs<T>& a) {
+  for (int64_t r = a.r0; r < a.r1; ++r) {
+    const int64_t s = a.rs[r], e = a.re[r];
+    if (s == e && !a.first && !(a.last && a.relu)) continue;
+    T* yr = a.y + r * a.ldy;
+    T acc[kScalarTile];
+    const T b = a.bias ? a.bias[r] : T(0);
+    for (int i = 0; i < kScalarTile; ++i) acc[i] = T(0);
+    if (!a.first)
+      for (int64_t i = 0; i < a.nv; ++i) acc[i] = yr[i];
+    for (int64_t j = s; j < e; ++j) {
+      const T w = a.vals[j];
+      const T* xr = a.xq + a.off[j - a.nnz_base];
+      if (a.nv == kScalarTile) {
+        for (int i = 0; i < kScalarTile; ++i) acc[i] += w * xr[i];
+      } else {
+        for (int64_t i = 0; i < a.nv; ++i) acc[i] += w * xr[i];
+      }
+    }
+    for (int64_t i = 0; i < a.nv; ++i) yr[i] = epilogue(acc[i], a.first ? b : T(0), a.relu && a.last);
+  }
+}
+
+template <typename T>
+void dot_scalar(const T* vals, const int32_t* row_ptr, const int32_t* col, int64_t r0, int64_t r1, const T* x,
+                T* y, int64_t ldy, const T* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T acc0 = 0, acc1 = 0;
+    int64_t j = row_ptr[r];
+    const int64_t e = row_ptr[r + 1];
+    for (; j + 2 <= e; j += 2) {
+      acc0 += vals[j] * x[col[j]];
+      acc1 += vals[j + 1] * x[col[j + 1]];
+    }
+    if (j < e) acc0 += vals[j] * x[col[j]];
+    y[r * ldy] = epilogue(acc0 + acc1, bias ? bias[r] : T(0), relu);
+  }
+}
+
+template <typename T>
+Kernels<T> scalar_kernels() {
+  Kernels<T> k{};
+  k.width = kScalarTile;
+  k.vmax = 1;
+  k.full[1] = tile_scalar<T>;
+  k.tail[1] = tile_scalar<T>;
+  k.dot = dot_scalar<T>;
+  return k;
+}
+
+// Accumulator sets per tile: about 8 independent FMA chains hide the FMA latency (4 cycles,
+// 2 per cycle) whatever the tile width.
+constexpr int chains(int v) { return v >= 8 ? 1 : v >= 4 ? 2 : v >= 2 ? 4 : 8; }
+
+// ----------------------------------------------------------------------------------------------
+// AVX-512
+#define S2H_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+template <int V, bool TAIL>
+S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
+  constexpr int U = chains(V);
+  const __mmask16 tm = TAIL ? static_cast<__mmask16>((1u << (a.nv - 16 * (V - 1))) - 1u) : 0xFFFF;
+  const float* __restrict vals = a.vals;
+  const int32_t* __restrict off = a.off - a.nnz_base;
+  const float* __restrict xq = a.xq;
+  for (int64_t r = a.r0; r < a.r1; ++r) {
+    int64_t j = a.rs[r];
+    const int64_t e = a.re[r];
+    if (j == e && !a.first && !(a.last && a.relu)) continue;  // nothing in this panel
+    float* yr = a.y + r * a.ldy;
+    __m512 acc[U][V];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
+    if (a.first) {
+      const __m512 b = _mm512_set1_ps(a.bias ? a.bias[r] : 0.f);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[0][v] = b;
+    } else {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[0][v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, yr + 16 * v) : _mm512_loadu_ps(yr + 16 * v);
+    }
+    for (; j + U <= e; j += U) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const float* xr = xq + off[j + u];
+        const __m512 w = _mm512_set1_ps(vals[j + u]);
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) {
+          const __m512 xv = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
+          acc[u][v] = _mm512_fmadd_ps(w, xv, acc[u][v]);
+        }
+      }
+    }
+    for (; j < e; ++j) {
+      const float* xr = xq + off[j];
+      const __m512 w = _mm512_set1_ps(vals[j]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __m512 xv = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
+        acc[0][v] = _mm512_fmadd_ps(w, xv, acc[0][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[0][v] = _mm512_add_ps(acc[0][v], acc[u][v]);
+    const bool relu = a.relu && a.last;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      __m512 o = acc[0][v];
+      if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
+      if (TAIL && v == V - 1) _mm512_mask_storeu_ps(yr + 16 * v, tm, o);
+      else _mm512_storeu_ps(yr + 16 * v, o);
+    }
+  }
+}
+
+S2H_AVX512 void dot_avx512(const float* vals, const int32_t* row_ptr, const int32_t* col, int64_t r0, int64_t r1,
+                           const float* x, float* y, int64_t ldy, const float* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t j = row_ptr[r];
+    const int64_t e = row_ptr[r + 1];
+    for (; j + 32 <= e; j += 32) {
+      const __m512i i0 = _mm512_loadu_si512(col + j), i1 = _mm512_loadu_si512(col + j + 16);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j), _mm512_i32gather_ps(i0, x, 4), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(vals + j + 16), _mm512_i32gather_ps(i1, x, 4), a1);
+    }
+    for (; j < e; j += 16) {
+      const int64_t left = e - j;
+      const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+      const __m512i i0 = _mm512_maskz_loadu_epi32(m, col + j);
+      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i0, x, 4);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, vals + j), g, a0);
+    }
+    y[r * ldy] = epilogue(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)), bias ? bias[r] : 0.f, relu);
+  }
+}
+
+template <int V>
+void set_avx512(Kernels<float>& k) {
+  k.full[V] = tile_avx512<V, false>;
+  k.tail[V] = tile_avx512<V, true>;
+  if constexpr (V > 1) set_avx512<V - 1>(k);
+}
+
+Kernels<float> avx512_kernels() {
+  Kernels<float> k{};
+  k.width = 16;
+  k.vmax = 8;
+  set_avx512<8>(k);
+  k.dot = dot_avx512;
+  return k;
+}
+
+// ----------------------------------------------------------------------------------------------
+// AVX2 + FMA
+#define S2H_AVX2 __attribute__((target("avx2,fma")))
+
+S2H_AVX2 inline __m256i tail_mask_avx2(int64_t n) {  // lanes i < n
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+template <int V, bool TAIL>
+S2H_AVX2 void tile_avx2(const TileArgs<float>& a) {
+  constexpr int U = chains(V);
+  const __m256i tm = tail_mask_avx2(TAIL ? a.nv - 8 * (V - 1) : 8);
+  const float* __restrict vals = a.vals;
+  const int32_t* __restrict off = a.off - a.nnz_base;
+  const float* __restrict xq = a.xq;
+  for (int64_t r = a.r0; r < a.r1; ++r) {
+    int64_t j = a.rs[r];
+    const int64_t e = a.re[r];
+    if (j == e && !a.first && !(a.last && a.relu)) continue;  // nothing in this panel
+    float* yr = a.y + r * a.ldy;
+    __m256 acc[U][V];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
+    if (a.first) {
+      const __m256 b = _mm256_set1_ps(a.bias ? a.bias[r] : 0.f);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[0][v] = b;
+    } else {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[0][v] = (TAIL && v == V - 1) ? _mm256_maskload_ps(yr + 8 * v, tm) : _mm256_loadu_ps(yr + 8 * v);
+    }
+    for (; j + U <= e; j += U) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const float* xr = xq + off[j + u];
+        const __m256 w = _mm256_broadcast_ss(vals + j + u);
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) {
+          const __m256 xv = (TAIL && v == V - 1) ? _mm256_maskload_ps(xr + 8 * v, tm) : _mm256_loadu_ps(xr + 8 * v);
+          acc[u][v] = _mm256_fmadd_ps(w, xv, acc[u][v]);
+        }
+      }
+    }
+    for (; j < e; ++j) {
+      const float* xr = xq + off[j];
+      const __m256 w = _mm256_broadcast_ss(vals + j);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const __m256 xv = (TAIL && v == V - 1) ? _mm256_maskload_ps(xr + 8 * v, tm) : _mm256_loadu_ps(xr + 8 * v);
+        acc[0][v] = _mm256_fmadd_ps(w, xv, acc[0][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
+    const bool relu = a.relu && a.last;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      __m256 o = acc[0][v];
+      if (relu) o = _mm256_max_ps(o, _mm256_setzero_ps());
+      if (TAIL && v == V - 1) _mm256_maskstore_ps(yr + 8 * v, tm, o);
+      else _mm256_storeu_ps(yr + 8 * v, o);
+    }
+  }
+}
+
+S2H_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+S2H_AVX2 void dot_avx2(const float* vals, const int32_t* row_ptr, const int32_t* col, int64_t r0, int64_t r1,
+                       const float* x, float* y, int64_t ldy, const float* bias, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t j = row_ptr[r];
+    const int64_t e = row_ptr[r + 1];
+    for (; j + 16 <= e; j += 16) {
+      const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + j));
+      const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + j + 8));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), _mm256_i32gather_ps(x, i0, 4), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+    }
+    for (; j < e; j += 8) {
+      const __m256i m = tail_mask_avx2(e - j);
+      const __m256i i0 = _mm256_maskload_epi32(col + j, m);
+      const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i0, _mm256_castsi256_ps(m), 4);
+      a0 = _mm256_fmadd_ps(_mm256_maskload_ps(vals + j, m), g, a0);
+    }
+    y[r * ldy] = epilogue(hsum_avx2(_mm256_add_ps(a0, a1)), bias ? bias[r] : 0.f, relu);
+  }
+}
+
+template <int V>
+void set_avx2(Kernels<float>& k) {
+  k.full[V] = tile_avx2<V, false>;
+  k.tail[V] = tile_avx2<V, true>;
+  if constexpr (V > 1) set_avx2<V - 1>(k);
+}
+
+Kernels<float> avx2_kernels() {
+  Kernels<float> k{};
+  k.width = 8;
+  k.vmax = 8;
+  set_avx2<8>(k);
+  k.dot = dot_avx2;
+  return k;
+}
+
+template <typename T>
+const Kernels<T>& kernels_for(Isa isa) {
+  static const Kernels<T> scalar = scalar_kernels<T>();
+  if constexpr (std::is_same_v<T, float>) {
+    static const Kernels<float> k512 = avx512_kernels();
+    static const Kernels<float> k2 = avx2_kernels();
+    if (isa == Isa::avx512) return k512;
+    if (isa == Isa::avx2) return k2;
+  }
+  return scalar;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Driver
+template <typename T>
+struct Problem {
+  const T* vals;
+  const int32_t* row_ptr;
+  const int32_t* col;
+  int64_t m;
+  // X: nonzero (r, col) of batch item b reads x + b*x_bstride + offset(r, col) + q
+  const T* x;
+  int64_t x_bstride;
+  int64_t batch;
+  int64_t ldx = 0;                // plain: offset = col * ldx
+  const int64_t* tab = nullptr;   // conv:  offset = tab[col] + (r / group_rows) * group_stride
+  int64_t group_rows = 1, group_stride = 0;
+  int64_t n;                      // grid columns per batch item
+  int64_t k;                      // columns of W
+  // L1 footprint of the X rows of one tile: col_group columns (one input channel of a conv)
+  // read group_phases windows of (tile + group_span) elements.
+  int64_t col_group = 1, group_phases = 1, group_span = 0;
+  // Y: row r of batch item b at y + b*y_bstride + r*ldy
+  T* y;
+  int64_t y_bstride, ldy;
+  int64_t wq = 0, wo = 0;         // wq > 0: grid column q = oh*wq + ow is stored at oh*wo + ow if ow < wo
+  const T* bias;
+  bool relu;
+};
+
+// Per-thread scratch, reused across calls (no allocation in the hot path).
+template <typename T>
+struct Scratch {
+  std::vector<int32_t> off;
+  std::vector<int32_t> pp;
+  std::vector<T> tile;
+};
+template <typename T>
+Scratch<T>& scratch() {
+  thread_local Scratch<T> s;
+  return s;
+}
+
+// Rows [r0, r1) x tiles [t0, t1) of the (batch x column-tile) grid.
+template <typename T>
+void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t panel_cols, int64_t r0, int64_t r1,
+              int64_t t0, int64_t t1) {
+  if (r0 >= r1 || t0 >= t1) return;
+  const int64_t nnz0 = p.row_ptr[r0], nnz1 = p.row_ptr[r1];
+  const int64_t ntiles = (p.n + tc - 1) / tc;
+
+  if (p.n == 1 && p.batch == 1 && p.tab == nullptr && p.ldx == 1) {  // Linear at batch 1
+    k.dot(p.vals, p.row_ptr, p.col, r0, r1, p.x, p.y, p.ldy, p.bias, p.relu);
+    return;
+  }
+
+  Scratch<T>& s = scratch<T>();
+  s.off.resize(static_cast<size_t>(std::max<int64_t>(nnz1 - nnz0, 1)));
+  int32_t* off = s.off.data();
+  if (p.tab == nullptr) {
+    for (int64_t j = nnz0; j < nnz1; ++j) off[j - nnz0] = static_cast<int32_t>(p.col[j] * p.ldx);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = (r / p.group_rows) * p.group_stride;
+      for (int64_t j = p.row_ptr[r]; j < p.row_ptr[r + 1]; ++j)
+        off[j - nnz0] = static_cast<int32_t>(p.tab[p.col[j]] + base);
+    }
+  }
+  // K panels: pp[q*rows + (r - r0)] = first nonzero of row r with column >= q*panel_cols.
+  const int64_t rows = r1 - r0;
+  const int64_t panels = (p.k + panel_cols - 1) / panel_cols;
+  if (panels > 1) {
+    s.pp.resize(static_cast<size_t>((panels + 1) * rows));
+    int32_t* pp = s.pp.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j = p.row_ptr[r];
+      const int64_t e = p.row_ptr[r + 1];
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t lo = q * panel_cols;
+        while (j < e && p.col[j] < lo) ++j;
+        pp[q * rows + (r - r0)] = static_cast<int32_t>(j);
+      }
+      pp[panels * rows + (r - r0)] = static_cast<int32_t>(e);
+    }
+  }
+  const bool wrap = p.wq > 0;
+  if (wrap) s.tile.resize(static_cast<size_t>(rows * tc));
+
+  TileArgs<T> a{};
+  a.vals = p.vals;
+  a.off = off;
+  a.nnz_base = nnz0;
+  a.r0 = r0;
+  a.r1 = r1;
+  a.bias = p.bias;
+  a.relu = p.relu;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / ntiles, q0 = (t - b * ntiles) * tc;
+    const int64_t nv = std::min(tc, p.n - q0);
+    const int64_t nvec = (nv + k.width - 1) / k.width;
+    const TileFn<T> fn = (nv % k.width == 0) ? k.full[nvec] : k.tail[nvec];
+    a.xq = p.x + b * p.x_bstride + q0;
+    a.nv = nv;
+    T* yb = p.y + b * p.y_bstride;
+    if (!wrap) {
+      a.y = yb + q0;
+      a.ldy = p.ldy;
+    } else {  // compute into the per-thread tile buffer, keep the columns ow < wo afterwards
+      a.y = s.tile.data() - r0 * tc;
+      a.ldy = tc;
+    }
+    for (int64_t q = 0; q < panels; ++q) {
+      if (panels == 1) {
+        a.rs = p.row_ptr;
+        a.re = p.row_ptr + 1;
+      } else {
+        a.rs = s.pp.data() + q * rows - r0;
+        a.re = s.pp.data() + (q + 1) * rows - r0;
+      }
+      a.first = q == 0;
+      a.last = q == panels - 1;
+      fn(a);
+    }
+    if (!wrap) continue;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* src = s.tile.data() + (r - r0) * tc;
+      T* dst = yb + r * p.ldy;
+      int64_t q = q0;
+      const int64_t qe = q0 + nv;
+      while (q < qe) {
+        const int64_t oh = q / p.wq, ow = q - oh * p.wq;
+        const int64_t seg = std::min(p.wq - ow, qe - q);  // up to the end of this grid row
+        if (ow < p.wo) std::memcpy(dst + oh * p.wo + ow, src + (q - q0), sizeof(T) * std::min(seg, p.wo - ow));
+        q += seg;
+      }
+    }
+  }
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::atoll(v) : fallback;
+}
+
+template <typename T>
+void run(const Problem<T>& p) {
+  const Kernels<T>& k = kernels_for<T>(std::is_same_v<T, float> ? active_isa() : Isa::scalar);
+  const int64_t tc = k.width * std::min<int64_t>(k.vmax, std::max<int64_t>(1, env_int("S2H_SPMM_TILE_V", k.vmax)));
+  const int64_t ntiles = p.batch * ((p.n + tc - 1) / tc);
+  if (p.m == 0 || ntiles == 0) return;
+  const int64_t nnz = p.row_ptr[p.m];
+  // K panels sized so that the X panel of one tile stays in L1; only worth it while a row
+  // still has enough nonzeros per panel to amortise reloading its partial sums.
+  int64_t panel_cols = std::max<int64_t>(p.k, 1);
+  {
+    const int64_t budget = env_int("S2H_SPMM_L1", 32 * 1024);
+    const int64_t per_group = p.group_phases * (std::min(tc, p.n) + p.group_span) * (int64_t)sizeof(T);
+    const int64_t cols = std::max<int64_t>(1, budget / std::max<int64_t>(per_group, 1)) * p.col_group;
+    const double per_row_panel = (double)nnz / p.m * (double)cols / std::max<int64_t>(p.k, 1);
+    if (cols < p.k && per_row_panel >= (double)env_int("S2H_SPMM_PMIN", 12)) panel_cols = cols;
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Work of the whole problem in "nonzero x tile" units; tiny problems stay on one thread.
+  const int64_t work = (nnz + 4 * p.m) * ntiles * std::min<int64_t>(p.n, tc);
+  int64_t parts = std::min<int64_t>(threads, std::max<int64_t>(1, work / (1 << 15)));
+  if (parts <= 1) {
+    run_part(p, k, tc, panel_cols, 0, p.m, 0, ntiles);
+    return;
+  }
+  // Enough rows: nnz-balanced row ranges, every thread walks all tiles (X tile shared in L2,
+  // each thread streams its own rows of W).  Few rows: split the tiles.
+  const bool by_rows = p.m >= 8 * parts || ntiles < parts;
+  if (by_rows) parts = std::min(parts, p.m);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      if (by_rows) {
+        run_part(p, k, tc, panel_cols, split_rows(p.row_ptr, p.m, parts, part, 4),
+                 split_rows(p.row_ptr, p.m, parts, part + 1, 4), 0, ntiles);
+      } else {
+        run_part(p, k, tc, panel_cols, 0, p.m, ntiles * part / parts, ntiles * (part + 1) / parts);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Ops
+void check_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+               const c10::optional<at::Tensor>& bias, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1 && row_ptr.scalar_type() == at::kInt, op,
+              ": row_ptr must be a 1-D int32 tensor of M+1 entries, got ", row_ptr.sizes(), " ", row_ptr.scalar_type());
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt, op, ": col_idx must be a 1-D int32 tensor, got ",
+              col_idx.sizes(), " ", col_idx.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col_idx.numel(), op, ": values must be 1-D with nnz = ",
+              col_idx.numel(), " entries, got ", values.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64 on the CPU, got ", x.scalar_type());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values (", values.scalar_type(), ") and x (",
+              x.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(values.is_contiguous() && row_ptr.is_contiguous() && col_idx.is_contiguous(), op,
+              ": values, row_ptr and col_idx must be contiguous");
+  const int64_t m = row_ptr.numel() - 1;
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[m] == col_idx.numel() && rp[0] == 0, op,
+              ": row_ptr must start at 0 and end at nnz = ", col_idx.numel());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == m, op, ": bias must have M = ", m, " entries, got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(), " != x dtype ",
+                x.scalar_type());
+  }
+}
+
+at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                    const c10::optional<at::Tensor>& /*row_order: GPU only*/, const at::Tensor& x_in,
+                    const c10::optional<at::Tensor>& bias_in, bool relu) {
+  TORCH_CHECK(x_in.dim() == 2, "spmm: x must be 2-D (K, N), got shape ", x_in.sizes());
+  check_csr(values, row_ptr, col_idx, bias_in, x_in, "spmm");
+  const int64_t m = row_ptr.numel() - 1, n = x_in.size(1);
+  // Unit stride along N (any row stride); N == 1 wants a contiguous column for the gather.
+  const bool ok = x_in.stride(1) == 1 || n == 1;
+  at::Tensor x = (ok && (n != 1 || x_in.stride(0) == 1)) ? x_in : x_in.contiguous();
+  TORCH_CHECK(x.numel() == 0 || x.stride(0) * (x.size(0) - 1) + n <= INT32_MAX, "spmm: x is too large for 32-bit offsets");
+  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  if (m == 0 || n == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spmm", [&] {
+    Problem<scalar_t> p{};
+    p.vals = values.data_ptr<scalar_t>();
+    p.row_ptr = row_ptr.data_ptr<int32_t>();
+    p.col = col_idx.data_ptr<int32_t>();
+    p.m = m;
+    p.x = x.data_ptr<scalar_t>();
+    p.x_bstride = 0;
+    p.batch = 1;
+    p.ldx = n == 1 ? 1 : x.stride(0);
+    p.n = n;
+    p.k = x.size(0);
+    p.y = y.data_ptr<scalar_t>();
+    p.y_bstride = 0;
+    p.ldy = n;
+    p.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    p.relu = relu;
+    run(p);
+  });
+  return y;
+}
+
+// Copy x (B, C, H, W) into the zero-padded, stride-phase-split buffer of conv_tap_offset.
+template <typename T>
+void fill_phases(const T* x, T* buf, int64_t bc, int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                 int64_t hq, int64_t wq) {
+  at::parallel_for(0, bc, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i_bc = begin; i_bc < end; ++i_bc) {
+      const T* src = x + i_bc * h * w;
+      T* dst = buf + i_bc * sh * sw * hq * wq;
+      for (int64_t a = 0; a < sh; ++a) {
+        for (int64_t b = 0; b < sw; ++b) {
+          for (int64_t i = 0; i < hq; ++i) {
+            T* d = dst + ((a * sw + b) * hq + i) * wq;
+            const int64_t r = conv_src_index(i, a, sh, ph, h);
+            if (r < 0) {
+              std::fill(d, d + wq, T(0));
+              continue;
+            }
+            const T* s = src + r * w;
+            if (sw == 1) {  // padded row: zeros, the input row, zeros
+              const int64_t lo = std::min<int64_t>(pw, wq);
+              const int64_t cnt = std::max<int64_t>(0, std::min<int64_t>(w, wq - lo));
+              std::fill(d, d + lo, T(0));
+              std::memcpy(d + lo, s, sizeof(T) * cnt);
+              std::fill(d + lo + cnt, d + wq, T(0));
+            } else {
+              for (int64_t j = 0; j < wq; ++j) {
+                const int64_t c = conv_src_index(j, b, sw, pw, w);
+                d[j] = c < 0 ? T(0) : s[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                           const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           bool relu) {
+  TORCH_CHECK(x_in.dim() == 4, "spmm_conv2d: x must be 4-D (B, C, H, W), got shape ", x_in.sizes());
+  check_csr(values, row_ptr, col_idx, bias_in, x_in, "spmm_conv2d");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "spmm_conv2d: kernel_size, stride, padding and dilation must have 2 entries");
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0,
+              "spmm_conv2d: kernel_size, stride and dilation must be positive and padding non-negative");
+  const int64_t m = row_ptr.numel() - 1;
+  const int64_t batch = x_in.size(0), c = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
+  TORCH_CHECK(groups > 0 && c % groups == 0 && m % groups == 0, "spmm_conv2d: groups=", groups,
+              " must divide the input channels (", c, ") and the output channels (", m, ")");
+  const int64_t cg = c / groups;
+  const int64_t ho = conv_out_size(h, kh, sh, ph, dh), wo = conv_out_size(w, kw, sw, pw, dw);
+  TORCH_CHECK(ho > 0 && wo > 0, "spmm_conv2d: input ", x_in.sizes(), " is too small for the kernel");
+  at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({batch, m, ho, wo}, x.options());
+  at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  if (batch == 0 || m == 0) return y;
+  const int64_t kcols = cg * kh * kw;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spmm_conv2d", [&] {
+    Problem<scalar_t> p{};
+    p.vals = values.data_ptr<scalar_t>();
+    p.row_ptr = row_ptr.data_ptr<int32_t>();
+    p.col = col_idx.data_ptr<int32_t>();
+    p.m = m;
+    p.batch = batch;
+    p.y = y.data_ptr<scalar_t>();
+    p.y_bstride = m * ho * wo;
+    p.ldy = ho * wo;
+    p.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    p.relu = relu;
+    p.group_rows = m / groups;
+    p.k = kcols;
+    p.col_group = kh * kw;
+    std::vector<int64_t> tab(static_cast<size_t>(kcols));
+    at::Tensor buf;
+    if (kh == 1 && kw == 1 && ph == 0 && pw == 0) {
+      // 1x1: the input itself (strided convs read a subsampled copy); no padding, no grid wrap.
+      at::Tensor xs = (sh == 1 && sw == 1) ? x : x.slice(2, 0, h, sh).slice(3, 0, w, sw).contiguous();
+      buf = xs;
+      const int64_t hw = ho * wo;
+      for (int64_t k = 0; k < kcols; ++k) tab[k] = k * hw;
+      p.x = buf.data_ptr<scalar_t>();
+      p.x_bstride = c * hw;
+      p.group_stride = cg * hw;
+      p.n = hw;
+    } else {
+      const int64_t hq = conv_phase_size(h, sh, ph), wq = conv_phase_size(w, sw, pw);
+      const int64_t per_item = c * sh * sw * hq * wq;
+      // Slack after the last item: grid columns ow >= wo may read up to wq elements past a phase.
+      buf = at::empty({batch * per_item + wq + 64}, x.options());
+      scalar_t* bp = buf.data_ptr<scalar_t>();
+      fill_phases<scalar_t>(x.data_ptr<scalar_t>(), bp, batch * c, h, w, sh, sw, ph, pw, hq, wq);
+      std::fill(bp + batch * per_item, bp + buf.numel(), scalar_t(0));
+      for (int64_t k = 0; k < kcols; ++k) tab[k] = conv_tap_offset(k, kh, kw, sh, sw, dh, dw, hq, wq);
+      p.x = bp;
+      p.x_bstride = per_item;
+      p.group_stride = cg * sh * sw * hq * wq;
+      p.n = ho * wq;
+      p.group_phases = std::min(sh, kh) * std::min(sw, kw);
+      p.group_span = ((kh - 1) * dh / sh) * wq + (kw - 1) * dw / sw;
+      if (wq != wo) {
+        p.wq = wq;
+        p.wo = wo;
+      }
+    }
+    TORCH_CHECK(p.x_bstride + p.n <= INT32_MAX, "spmm_conv2d: one input image is too large for 32-bit offsets");
+    p.tab = tab.data();
+    run(p);
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace s2h::spmm
+
+TORCH_LIBRARY_IMPL(s2h, CPU, m) {
+  m.impl("spmm", &s2h::spmm::spmm_cpu);
+  m.impl("spmm_conv2d", &s2h::spmm::spmm_conv2d_cpu);
+}

@@ -1,0 +1,303 @@
+"""spmm / spmm_conv2d: every backend against the dense reference (DESIGN §4)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import s2h_kernels
+from s2h_kernels import SparseWeight, reference
+
+# The CPU kernel's ISAs; those the machine lacks are skipped.
+_CAP = torch.backends.cpu.get_cpu_capability()
+_SUPPORTED = {"scalar", "avx2"} | ({"avx512"} if _CAP.startswith("AVX512") else set())
+if _CAP == "DEFAULT":
+    _SUPPORTED = {"scalar"}
+ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in _SUPPORTED, reason=f"CPU lacks {i}"))
+        for i in ("avx512", "avx2", "scalar")]
+
+
+def sparse_matrix(m, k, sparsity, dtype=torch.float32, seed=0, empty_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, k, generator=g, dtype=torch.float64)
+    w = w * (torch.rand(m, k, generator=g, dtype=torch.float64) >= sparsity)
+    for r in empty_rows:
+        w[r] = 0
+    return w.to(dtype)
+
+
+def randn(*shape, dtype=torch.float32, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def check(backend, device, w, x, bias=None, relu=False):
+    sw = SparseWeight.from_dense(w).to(device)
+    x = x.to(device)
+    b = bias.to(device) if bias is not None else None
+    y = s2h_kernels.spmm(sw, x, b, relu, backend=backend)
+    ref = reference.spmm(sw, x, b, relu)
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.device == x.device
+    torch.testing.assert_close(y, ref, **tol(x.dtype))
+    return y
+
+
+# Small shapes: every backend (Triton runs through the interpreter on the CPU).
+SMALL = [
+    (1, 1, 1, 0.0),
+    (7, 13, 1, 0.5),     # a single column: the gather dot product
+    (9, 31, 5, 0.7),     # K, N not multiples of 8/16
+    (33, 70, 17, 0.9),
+    (16, 24, 33, 0.0),   # 0% sparsity (dense)
+    (12, 20, 19, 1.0),   # 100% sparsity: every row empty
+    (5, 40, 129, 0.8),   # N over one AVX-512 tile, with a partial vector
+]
+
+
+@pytest.mark.parametrize("m,k,n,sparsity", SMALL)
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True)])
+def test_matches_dense(backend, device_for, m, k, n, sparsity, bias, relu):
+    w = sparse_matrix(m, k, sparsity)
+    b = randn(m, seed=3) if bias else None
+    check(backend, device_for(backend), w, randn(k, n), b, relu)
+
+
+def test_empty_rows(backend, device_for):
+    w = sparse_matrix(24, 37, 0.6, empty_rows=(0, 5, 6, 23))
+    y = check(backend, device_for(backend), w, randn(37, 21), randn(24, seed=2), relu=False)
+    torch.testing.assert_close(y[5], torch.full_like(y[5], float(randn(24, seed=2)[5])))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_rows"])
+def test_non_contiguous_x(backend, device_for, layout):
+    device = device_for(backend)
+    w = sparse_matrix(19, 23, 0.7)
+    if layout == "transposed":
+        x = randn(17, 23).t()                 # column stride != 1
+    elif layout == "sliced":
+        x = randn(23, 40)[:, 3:30:2]          # strided columns
+    else:
+        x = randn(46, 18)[::2]                # row stride 2*N
+    assert not x.is_contiguous()
+    check(backend, device, w, x)
+
+
+def test_vector_x(backend, device_for):
+    device = device_for(backend)
+    w = sparse_matrix(11, 29, 0.5)
+    sw = SparseWeight.from_dense(w).to(device)
+    x = randn(29, device=device)
+    y = s2h_kernels.spmm(sw, x, backend=backend)
+    assert y.shape == (11,)
+    torch.testing.assert_close(y, w.to(device) @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_float64(backend, device_for):
+    w = sparse_matrix(21, 35, 0.6, dtype=torch.float64)
+    check(backend, device_for(backend), w, randn(35, 13, dtype=torch.float64), randn(21, dtype=torch.float64), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_fp32(backend, device_for, dtype):
+    device = device_for(backend)
+    w = sparse_matrix(16, 40, 0.7)
+    sw = SparseWeight.from_dense(w).to(device)
+    x = randn(40, 9).to(dtype).to(device)
+    y = s2h_kernels.spmm(sw, x, backend=backend)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), (w.to(device) @ x.float()), rtol=1e-2, atol=1e-2)
+
+
+# ---- CPU kernel: every ISA, shapes that exercise tiles, K panels, threads and tails ----
+
+LARGE = [
+    (64, 576, 200, 0.7),    # K panels (rows long enough), partial last tile
+    (256, 300, 49, 0.9),    # N = 49: 4 vectors, masked tail
+    (300, 500, 1, 0.9),     # N = 1 gather path, many rows
+    (3, 1000, 700, 0.95),   # few rows: the tiles are split over threads
+    (130, 64, 300, 0.98),   # nearly empty rows
+    (40, 129, 16, 0.5),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n,sparsity", LARGE)
+def test_cpu_isas(monkeypatch, isa, m, k, n, sparsity):
+    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+    w = sparse_matrix(m, k, sparsity, seed=m + k)
+    check("cpu", torch.device("cpu"), w, randn(k, n, seed=n), randn(m, seed=7), relu=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_threads_agree(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check("cpu", torch.device("cpu"), sparse_matrix(97, 333, 0.8), randn(333, 150), randn(97), relu=True)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cpu_isa_env_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("S2H_SPMM_ISA", "sse9")
+    sw = SparseWeight.from_dense(sparse_matrix(4, 5, 0.5))
+    with pytest.raises(RuntimeError, match="S2H_SPMM_ISA"):
+        s2h_kernels.spmm(sw, randn(5, 3), backend="cpu")
+
+
+# ---- conv ----
+
+CONVS = [
+    # (batch, c_in, h, w, c_out, kernel, stride, padding, dilation, groups)
+    (2, 4, 9, 11, 6, 3, 1, 1, 1, 1),
+    (1, 6, 10, 7, 4, 3, 2, 1, 1, 2),
+    (2, 3, 8, 8, 5, 1, 1, 0, 1, 1),        # 1x1 direct
+    (1, 4, 9, 9, 8, 1, 2, 0, 1, 1),        # 1x1 strided
+    (1, 4, 12, 13, 4, 3, 2, 2, 2, 4),      # depthwise, dilated, strided
+    (1, 3, 7, 7, 5, 5, 3, 2, 1, 1),
+    (2, 8, 6, 6, 8, 1, 1, 1, 1, 2),        # 1x1 with padding
+    (1, 5, 11, 6, 7, (3, 1), (1, 2), (1, 0), (2, 1), 1),  # non-square everything
+    (3, 16, 5, 5, 16, 3, 1, 0, 1, 1),      # no padding
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def conv_check(backend, device, batch, cin, h, w_, cout, kernel, stride, padding, dilation, groups, sparsity=0.6,
+               dtype=torch.float32, relu=True):
+    kh, kw = _pair(kernel)
+    weight = sparse_matrix(cout, cin // groups * kh * kw, sparsity, dtype=dtype, seed=cin + cout)
+    sw = SparseWeight.from_dense(weight).to(device)
+    x = randn(batch, cin, h, w_, dtype=dtype, device=device)
+    bias = randn(cout, dtype=dtype, seed=5, device=device)
+    y = s2h_kernels.spmm_conv2d(sw, x, (kh, kw), bias, stride, padding, dilation, groups, relu, backend=backend)
+    ref = F.conv2d(x, weight.to(device).reshape(cout, cin // groups, kh, kw), bias, stride, padding, dilation, groups)
+    ref = torch.relu(ref) if relu else ref
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=1e-4 if dtype == torch.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("cfg", CONVS)
+def test_conv_matches_conv2d(backend, device_for, cfg):
+    conv_check(backend, device_for(backend), *cfg)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cfg", [
+    (2, 64, 14, 14, 32, 3, 1, 1, 1, 1),
+    (1, 32, 15, 17, 64, 3, 2, 1, 1, 1),
+    (4, 64, 7, 7, 128, 3, 1, 1, 1, 1),
+    (2, 64, 8, 8, 64, 1, 2, 0, 1, 1),
+])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.95])
+def test_conv_cpu_isas(monkeypatch, isa, cfg, sparsity):
+    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+    conv_check("cpu", torch.device("cpu"), *cfg, sparsity=sparsity)
+
+
+def test_conv_float64_and_unbatched(backend, device_for):
+    device = device_for(backend)
+    conv_check(backend, device, 2, 4, 7, 9, 6, 3, 2, 1, 1, 2, dtype=torch.float64)
+    weight = sparse_matrix(5, 3 * 9, 0.5)
+    sw = SparseWeight.from_dense(weight).to(device)
+    x = randn(3, 8, 8, device=device)
+    y = s2h_kernels.spmm_conv2d(sw, x, 3, padding=1, backend=backend)
+    torch.testing.assert_close(y, F.conv2d(x[None], weight.to(device).reshape(5, 3, 3, 3), padding=1)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+# ---- torch.library: schema / fake kernels, torch.compile ----
+
+def test_opcheck_cpu():
+    sw = SparseWeight.from_dense(sparse_matrix(10, 12, 0.5))
+    x = randn(12, 7)
+    torch.library.opcheck(torch.ops.s2h.spmm.default, (sw.values, sw.row_ptr, sw.col_idx, None, x, randn(10), True))
+    sw2 = SparseWeight.from_dense(sparse_matrix(6, 4 * 9, 0.5))
+    xc = randn(2, 4, 7, 8)
+    torch.library.opcheck(torch.ops.s2h.spmm_conv2d.default,
+                          (sw2.values, sw2.row_ptr, sw2.col_idx, xc, None, [3, 3], [2, 1], [1, 1], [1, 1], 1, False))
+
+
+def test_opcheck_triton(device_for):
+    device = device_for("triton")
+    sw = SparseWeight.from_dense(sparse_matrix(10, 12, 0.5)).to(device)
+    torch.library.opcheck(torch.ops.s2h.spmm_triton.default,
+                          (sw.values, sw.row_ptr, sw.col_idx, sw.row_order, randn(12, 7, device=device), None, False))
+
+
+def test_torch_compile_fullgraph():
+    sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.8))
+    bias = randn(20)
+
+    def f(x):
+        return s2h_kernels.spmm(sw, torch.sin(x), bias, relu=True) * 2
+
+    x = randn(30, 11)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+# ---- packing and bad input ----
+
+def test_sparse_weight_round_trip():
+    w = sparse_matrix(13, 17, 0.6, empty_rows=(4,))
+    sw = SparseWeight.from_dense(w)
+    assert sw.nnz == int((w != 0).sum())
+    assert sw.shape == (13, 17)
+    torch.testing.assert_close(sw.to_dense(), w)
+    counts = (sw.row_ptr[1:] - sw.row_ptr[:-1])
+    assert (counts[sw.row_order.long()].diff() <= 0).all()   # row swizzle: longest rows first
+    mask = torch.zeros(13, 17, dtype=torch.bool)
+    mask[0, :3] = True
+    assert SparseWeight.from_dense(w, mask=mask).nnz == 3
+
+
+def test_bad_input():
+    sw = SparseWeight.from_dense(sparse_matrix(8, 10, 0.5))
+    x = randn(10, 4)
+    with pytest.raises(ValueError, match="2-D"):
+        SparseWeight.from_dense(torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match="K = 10"):
+        s2h_kernels.spmm(sw, randn(9, 4))
+    with pytest.raises(ValueError, match="floating-point"):
+        s2h_kernels.spmm(sw, torch.ones(10, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="floating-point"):
+        SparseWeight.from_dense(torch.ones(3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="SparseWeight"):
+        s2h_kernels.spmm(torch.randn(8, 10), x)
+    with pytest.raises(ValueError, match="bias"):
+        s2h_kernels.spmm(sw, x, bias=torch.randn(7))
+    with pytest.raises(ValueError, match="dtype"):
+        s2h_kernels.spmm(sw, x.double())
+    with pytest.raises(ValueError, match="2-D"):
+        s2h_kernels.spmm(sw, torch.randn(2, 10, 4))
+    with pytest.raises(ValueError, match="backend"):
+        s2h_kernels.spmm(sw, x, backend="tpu")
+    with pytest.raises(RuntimeError, match="inference only"):
+        s2h_kernels.spmm(sw, x.clone().requires_grad_(True))
+    with torch.no_grad():
+        s2h_kernels.spmm(sw, x.clone().requires_grad_(True))   # fine without grad mode
+    csw = SparseWeight.from_dense(sparse_matrix(6, 4 * 9, 0.5))
+    with pytest.raises(ValueError, match="expected C/groups"):
+        s2h_kernels.spmm_conv2d(csw, randn(1, 5, 8, 8), 3)
+    with pytest.raises(ValueError, match="groups"):
+        s2h_kernels.spmm_conv2d(csw, randn(1, 4, 8, 8), 3, groups=3)
+    with pytest.raises(ValueError, match="smaller than"):
+        s2h_kernels.spmm_conv2d(csw, randn(1, 4, 2, 2), 3)
+
+
+def test_cpp_op_rejects_bad_csr():
+    sw = SparseWeight.from_dense(sparse_matrix(4, 6, 0.5))
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        torch.ops.s2h.spmm(sw.values, sw.row_ptr.long(), sw.col_idx, None, randn(6, 3), None, False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.s2h.spmm(sw.values, sw.row_ptr, sw.col_idx, None, torch.ones(6, 3, dtype=torch.int32), None, False)
+    bad = sw.row_ptr.clone()
+    bad[-1] += 1
+    with pytest.raises(RuntimeError, match="nnz"):
+        torch.ops.s2h.spmm(sw.values, bad, sw.col_idx, None, randn(6, 3), None, False)
