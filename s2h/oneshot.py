@@ -9,11 +9,13 @@ The pipeline, in five calls::
     oneshot.retrain(student, masks, train_loader, epochs=5, teacher=teacher, alpha=0.5)
     oneshot.save_pruned("runs/x/s0.9", student, masks, spec={...})  # state_dict + masks, no pickled modules
 
-Loss. ``L_total = alpha * CA-KLD(student, teacher) + (1 - alpha) * CE(student, y)``. CA-KLD is
-``s2h_kernels.ca_kld``: per-row standardised logits, divided by ``temperature``,
+Loss. ``L_total = alpha * T² * CA-KLD(student, teacher) + (1 - alpha) * CE(student, y)``. CA-KLD
+is the fused ``s2h_kernels.ca_kld``: per-row standardised logits, divided by ``temperature`` T,
 ``gamma * KL(P_T || P_S) + (1 - gamma) * KL(P_S || P_T)`` with ``gamma`` the teacher's mean top-1
-probability when not given (our reading of the paper; ``gamma``, ``temperature`` and
-``standardize`` are options).
+probability (softmax of its raw logits) when not given. This is our reading of the paper, whose
+exact formula is unpublished; ``gamma``, ``temperature`` and ``standardize`` are options. The T²
+factor (``kd_scale``, Hinton's convention) keeps the KD gradients from shrinking like 1/T²;
+``kd_scale=1`` gives the bare ``alpha * CA-KLD + (1 - alpha) * CE``.
 
 Importance. ``I = |theta * dL_total/dtheta|`` for the weight of every prunable layer
 (``nn.Conv1d/2d/3d`` and ``nn.Linear``; biases and norm layers are never pruned), computed with the
@@ -79,12 +81,12 @@ def _ca_kld_fallback(student_logits, teacher_logits, temperature=4.0, gamma=None
                      reduction="batchmean"):
     """Stand-in for s2h_kernels.ca_kld while the fused op is being written (removed once it lands)."""
     s, t = student_logits, teacher_logits.detach()
+    g = torch.softmax(t, -1).max(-1).values.mean() if gamma is None else torch.as_tensor(gamma, dtype=s.dtype)
     if standardize:
-        s = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True, unbiased=False) + 1e-6)
-        t = (t - t.mean(-1, keepdim=True)) / (t.std(-1, keepdim=True, unbiased=False) + 1e-6)
+        s = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-7)
+        t = (t - t.mean(-1, keepdim=True)) / (t.std(-1, keepdim=True) + 1e-7)
     log_ps, log_pt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
     pt = log_pt.exp()
-    g = pt.max(-1).values.mean() if gamma is None else torch.as_tensor(gamma, dtype=s.dtype)
     row = g * (pt * (log_pt - log_ps)).sum(-1) + (1 - g) * (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     if reduction == "none":
         return row
@@ -106,12 +108,17 @@ def ca_kld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
 
 def total_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                alpha: float = 0.5, temperature: float = 4.0, gamma: float | None = None,
-               standardize: bool = True) -> torch.Tensor:
-    """``alpha * CA-KLD + (1 - alpha) * CE``; plain CE when there is no teacher or ``alpha == 0``."""
+               standardize: bool = True, kd_scale: float | None = None) -> torch.Tensor:
+    """``alpha * kd_scale * CA-KLD + (1 - alpha) * CE``; plain CE when there is no teacher or ``alpha == 0``.
+
+    ``kd_scale=None`` is ``temperature ** 2`` (Hinton's convention: the KL's gradients shrink like
+    1/T², the factor keeps the two terms balanced whatever T is); the fused op itself has no T².
+    """
     ce = F.cross_entropy(student_logits, targets)
     if teacher_logits is None or alpha == 0:
         return ce
-    kd = ca_kld(student_logits, teacher_logits, temperature=temperature, gamma=gamma, standardize=standardize)
+    scale = temperature ** 2 if kd_scale is None else kd_scale
+    kd = scale * ca_kld(student_logits, teacher_logits, temperature=temperature, gamma=gamma, standardize=standardize)
     if alpha == 1:
         return kd
     return alpha * kd + (1 - alpha) * ce
@@ -222,7 +229,7 @@ def _tqdm(total: int | None, desc: str, progress: bool):
 
 
 def _fit(model: nn.Module, loader, epochs: int, *, teacher: nn.Module | None = None, alpha: float = 0.5,
-         temperature: float = 4.0, gamma: float | None = None, standardize: bool = True,
+         temperature: float = 4.0, gamma: float | None = None, standardize: bool = True, kd_scale: float | None = None,
          masks: Mapping[str, torch.Tensor] | None = None, optimizer: torch.optim.Optimizer | None = None,
          optimizer_name: str = "sgd", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
          scheduler: str = "cosine", device=None, progress: bool = False, desc: str = "train",
@@ -294,7 +301,7 @@ def _fit(model: nn.Module, loader, epochs: int, *, teacher: nn.Module | None = N
                 if not checked:
                     _check_outputs(op, out, t_out if t_out is not None else _teacher_peek(teacher, x), y)
                     checked = True
-                loss = total_loss(out, y, t_out, alpha, temperature, gamma, standardize)
+                loss = total_loss(out, y, t_out, alpha, temperature, gamma, standardize, kd_scale)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for p, pruned in pairs:
@@ -334,6 +341,7 @@ def train(model: nn.Module, loader, epochs: int, **kw) -> list[dict]:
 
 def distill(student: nn.Module, teacher: nn.Module, loader, epochs: int, alpha: float = 0.5,
             temperature: float = 4.0, gamma: float | None = None, *, standardize: bool = True,
+            kd_scale: float | None = None,
             optimizer: torch.optim.Optimizer | None = None, optimizer_name: str = "sgd", lr: float = 0.05,
             momentum: float = 0.9, weight_decay: float = 5e-4, scheduler: str = "cosine", device=None,
             progress: bool = False) -> list[dict]:
@@ -346,14 +354,14 @@ def distill(student: nn.Module, teacher: nn.Module, loader, epochs: int, alpha: 
     if teacher is None:
         raise ValueError("distill: teacher is None; use train() for CE-only training")
     return _fit(student, loader, epochs, teacher=teacher, alpha=alpha, temperature=temperature, gamma=gamma,
-                standardize=standardize, optimizer=optimizer, optimizer_name=optimizer_name, lr=lr,
+                standardize=standardize, kd_scale=kd_scale, optimizer=optimizer, optimizer_name=optimizer_name, lr=lr,
                 momentum=momentum, weight_decay=weight_decay, scheduler=scheduler, device=device,
                 progress=progress, desc="distill", op="distill")
 
 
 def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], loader, epochs: int,
             teacher: nn.Module | None = None, alpha: float = 0.5, temperature: float = 4.0,
-            gamma: float | None = None, *, standardize: bool = True,
+            gamma: float | None = None, *, standardize: bool = True, kd_scale: float | None = None,
             optimizer: torch.optim.Optimizer | None = None, optimizer_name: str = "sgd", lr: float = 0.05,
             momentum: float = 0.9, weight_decay: float = 5e-4, scheduler: str = "cosine", device=None,
             progress: bool = False) -> list[dict]:
@@ -366,7 +374,8 @@ def retrain(model: nn.Module, masks: Mapping[str, torch.Tensor], loader, epochs:
     if masks is None or not len(masks):
         raise ValueError("retrain: masks is empty; prune() the model first")
     return _fit(model, loader, epochs, teacher=teacher, alpha=alpha if teacher is not None else 0.0,
-                temperature=temperature, gamma=gamma, standardize=standardize, masks=masks, optimizer=optimizer,
+                temperature=temperature, gamma=gamma, standardize=standardize, kd_scale=kd_scale, masks=masks,
+                optimizer=optimizer,
                 optimizer_name=optimizer_name, lr=lr, momentum=momentum, weight_decay=weight_decay,
                 scheduler=scheduler, device=device, progress=progress,
                 desc="retrain+kd" if teacher is not None else "retrain", op="retrain")
@@ -439,7 +448,8 @@ def magnitude_importance(model: nn.Module, exclude: Iterable[str] | None = DEFAU
 
 def importance(student: nn.Module, teacher: nn.Module | None, loader, alpha: float = 0.5,
                temperature: float = 4.0, batches: int = 16, gamma: float | None = None, *,
-               standardize: bool = True, exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
+               standardize: bool = True, kd_scale: float | None = None,
+               exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
                accumulate: str = "abs", device=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """``|theta * dL_total/dtheta|`` per prunable weight over the first ``batches`` batches.
 
@@ -479,7 +489,8 @@ def importance(student: nn.Module, teacher: nn.Module | None, loader, alpha: flo
                         t_out = teacher(x)
                 if used == 0:
                     _check_outputs("importance", out, t_out, y)
-                loss = total_loss(out, y, t_out if alpha > 0 else None, alpha, temperature, gamma, standardize)
+                loss = total_loss(out, y, t_out if alpha > 0 else None, alpha, temperature, gamma, standardize,
+                                  kd_scale)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             for a, p, g in zip(acc, params, grads):
                 if g is None:
@@ -757,6 +768,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--gamma", type=float, default=None,
                    help="CA-KLD direction mix (default: the teacher's mean top-1 probability per batch)")
     k.add_argument("--no-standardize", action="store_true", help="do not standardise logits per row in CA-KLD")
+    k.add_argument("--kd-scale", type=float, default=None,
+                   help="factor on CA-KLD in the loss (default T^2, Hinton's convention; 1 for the bare KL)")
     k.add_argument("--sparsity", type=_sparsity_list, default=[0.9],
                    help="fraction of prunable weights removed, or a comma list (0.5,0.75,0.9,0.95,0.98)")
     k.add_argument("--importance", type=_method_list, default=["grad-kd"],
@@ -846,7 +859,8 @@ def main(args: argparse.Namespace) -> dict:
         f"teacher={teacher_arch} student={student_arch}")
     opt = dict(optimizer_name=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                device=device, progress=progress)
-    kd = dict(alpha=args.alpha, temperature=args.temperature, gamma=args.gamma, standardize=not args.no_standardize)
+    kd = dict(alpha=args.alpha, temperature=args.temperature, gamma=args.gamma, standardize=not args.no_standardize,
+              kd_scale=args.kd_scale)
 
     # ---- teacher
     teacher = build_model(teacher_arch, info.num_classes, info.in_channels, info.image_size).to(device)
@@ -893,13 +907,18 @@ def main(args: argparse.Namespace) -> dict:
     # ---- importance, prune, retrain
     runs = []
     retrain_teacher = None if args.no_kd_retrain else teacher
+    # Importance batches drawn by their own seeded generator: the same dense student gets the same
+    # scores whatever ran before (teacher training, distillation, a checkpoint instead).
+    score_loader = torch.utils.data.DataLoader(
+        data.train.dataset, batch_size=data.train.batch_size, shuffle=True, num_workers=data.train.num_workers,
+        generator=torch.Generator().manual_seed(args.seed + 1), pin_memory=data.train.pin_memory)
     for method in args.importance:
         t0 = time.perf_counter()
         student.load_state_dict(dense_state)
-        scores = compute_importance(method, student, teacher, data.train, alpha=args.alpha,
+        scores = compute_importance(method, student, teacher, score_loader, alpha=args.alpha,
                                     temperature=args.temperature, batches=args.importance_batches,
                                     exclude=args.exclude, **({} if method == "magnitude" else dict(
-                                        gamma=args.gamma, standardize=not args.no_standardize,
+                                        gamma=args.gamma, standardize=not args.no_standardize, kd_scale=args.kd_scale,
                                         accumulate=args.accumulate, device=device, progress=progress)))
         score_seconds = time.perf_counter() - t0
         for s in args.sparsity:

@@ -49,6 +49,19 @@ def test_oneshot_digits_two_sparsities_three_methods(tmp_path, capsys):
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000 and s["plot"] == "accuracy_vs_sparsity.png"
     assert (out / "teacher.pt").is_file() and (out / "log.txt").read_text().count("top-1") >= 8
 
+    # the same dense student (from its checkpoint, no distillation) gets the same masks, whatever ran before
+    out3 = tmp_path / "run3"
+    rc = cli.main(["oneshot", *QUICK, "--out", str(out3), "--sparsity", "0.5,0.9", "--importance",
+                   "magnitude,grad-ce,grad-kd", "--teacher-ckpt", str(out / "teacher.pt"), "--student-ckpt",
+                   str(out / "student_dense.pt"), "--distill-epochs", "0", "--no-kd-retrain"])
+    assert rc == 0
+    s3 = json.loads((out3 / "summary.json").read_text())
+    assert s3["student_dense"]["top1"] == s["student_dense"]["top1"] and s3["student_dense"]["epochs"] == 0
+    for r in s["runs"]:
+        m1 = torch.load(out / r["path"] / "masks.pt", weights_only=True)
+        m3 = torch.load(out3 / r["path"] / "masks.pt", weights_only=True)
+        assert all(torch.equal(m1[k], m3[k]) for k in m1), r["path"]
+
     # reuse the trained teacher: same teacher accuracy, no teacher training; CE-only retraining
     out2 = tmp_path / "run2"
     rc = cli.main(["oneshot", "--out", str(out2), "--sparsity", "0.8", "--teacher-ckpt", str(out / "teacher.pt"),

@@ -26,21 +26,23 @@ def one_thread():
 
 
 def ref_ca_kld(s, t, T, gamma=None, standardize=True):
-    """CA-KLD written out longhand: per-row standardise, soften by T, mix both KL directions."""
+    """CA-KLD written out longhand: per-row standardise (Bessel std, eps 1e-7), soften by T, mix both
+    KL directions with gamma = the teacher's mean top-1 probability at T = 1 (s2h_kernels.ca_kld)."""
     t = t.detach()
+    g = torch.softmax(t, 1).max(1).values.mean() if gamma is None else gamma
     if standardize:
-        s = (s - s.mean(1, keepdim=True)) / (s.std(1, unbiased=False, keepdim=True) + 1e-6)
-        t = (t - t.mean(1, keepdim=True)) / (t.std(1, unbiased=False, keepdim=True) + 1e-6)
+        s = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-7)
+        t = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-7)
     ps, pt = torch.softmax(s / T, 1), torch.softmax(t / T, 1)
-    g = pt.max(1).values.mean() if gamma is None else gamma
     kl_ts = (pt * (pt.log() - ps.log())).sum(1)
     kl_st = (ps * (ps.log() - pt.log())).sum(1)
     return (g * kl_ts + (1 - g) * kl_st).mean()
 
 
-def ref_total(s, y, t, alpha, T, gamma=None):
+def ref_total(s, y, t, alpha, T, gamma=None, kd_scale=None):
     ce = F.cross_entropy(s, y)
-    return ce if t is None or alpha == 0 else alpha * ref_ca_kld(s, t, T, gamma) + (1 - alpha) * ce
+    scale = T * T if kd_scale is None else kd_scale
+    return ce if t is None or alpha == 0 else alpha * scale * ref_ca_kld(s, t, T, gamma) + (1 - alpha) * ce
 
 
 def tiny_model(classes=10, seed=0):
@@ -69,14 +71,15 @@ def randomize_bn(model, seed=0):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("gamma", [None, 0.25])
-def test_total_loss_matches_reference(alpha, gamma):
+@pytest.mark.parametrize("kd_scale", [None, 1.0])
+def test_total_loss_matches_reference(alpha, gamma, kd_scale):
     torch.manual_seed(0)
     s = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     t = (torch.randn(6, 10, dtype=torch.float64) * 3).requires_grad_(True)
     y = torch.randint(0, 10, (6,))
-    got = oneshot.total_loss(s, y, t, alpha=alpha, temperature=4.0, gamma=gamma)
+    got = oneshot.total_loss(s, y, t, alpha=alpha, temperature=4.0, gamma=gamma, kd_scale=kd_scale)
     s2 = s.detach().clone().requires_grad_(True)
-    want = ref_total(s2, y, t.detach(), alpha, 4.0, gamma)
+    want = ref_total(s2, y, t.detach(), alpha, 4.0, gamma, kd_scale)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
     got.backward()
     want.backward()
