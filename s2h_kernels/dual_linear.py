@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, resolve_backend
+from ._backend import check_float, check_same_device, resolve_backend, triton_interpreted
 
 __all__ = ["dual_linear"]
 
@@ -29,7 +29,7 @@ def _dual_linear_kernel(
     M_S, M_H, N, K, K_OUT, K_IN,
     s_xs_m, s_xs_k, s_xh_m, s_xh_k, s_w_n, s_w_k, s_ys_m, s_ys_n, s_yh_m, s_yh_n,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,14 +49,20 @@ def _dual_linear_kernel(
         # one load of the weight tile, shared by both products
         w = tl.load(w_ptr + offs_n[:, None] * s_w_n + kk[None, :] * s_w_k,
                     mask=n_s[:, None] & (kk[None, :] < K), other=0.0)
+        if UPCAST:  # the interpreter's numpy dot has no bf16
+            w = w.to(tl.float32)
         if do_soft:
             xs = tl.load(xs_ptr + offs_m[:, None] * s_xs_m + kk[None, :] * s_xs_k,
                          mask=m_s[:, None] & (kk[None, :] < K), other=0.0)
+            if UPCAST:
+                xs = xs.to(tl.float32)
             acc_s += tl.dot(xs, tl.trans(w), input_precision=PRECISION, out_dtype=ACC)
         if do_hard & (k0 < K_IN):
             xh = tl.load(xh_ptr + offs_m[:, None] * s_xh_m + kk[None, :] * s_xh_k,
                          mask=m_h[:, None] & (kk[None, :] < K_IN), other=0.0)
-            wh = tl.where(n_h[:, None] & (kk[None, :] < K_IN), w, 0.0)
+            if UPCAST:
+                xh = xh.to(tl.float32)
+            wh = tl.where(n_h[:, None] & (kk[None, :] < K_IN), w, tl.zeros_like(w))
             acc_h += tl.dot(xh, tl.trans(wh), input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_s, other=0.0).to(ACC)
@@ -100,6 +106,7 @@ def _dual_linear_triton(
         weight.stride(0), weight.stride(1), ys.stride(0), ys.stride(1), yh.stride(0), yh.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         ACC=_acc(x_soft.dtype), PRECISION=_precision(x_soft.dtype),
+        UPCAST=x_soft.dtype == torch.bfloat16 and triton_interpreted(),
     )
     return ys, yh
 

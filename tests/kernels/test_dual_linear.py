@@ -47,6 +47,18 @@ def test_forward_matches_eager(backend, shape, dtype, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_half_precision(backend, dtype, tol):
+    """Half inputs accumulate in fp32: the result is the fp32 product rounded once."""
+    xs, xh, w, b, ko, ki = _make(SHAPES[1], dtype, _device(backend))
+    ys, yh = dual_linear(xs, xh, w, b, ko, ki, backend=backend)
+    rs, rh = dual_linear_ref(xs.float(), xh.float(), w.float(), b.float(), ko, ki)
+    assert ys.dtype == yh.dtype == dtype
+    torch.testing.assert_close(ys.float(), rs, rtol=tol, atol=tol * float(rs.abs().max()))
+    torch.testing.assert_close(yh.float(), rh, rtol=tol, atol=tol * float(rh.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_matches_eager(backend):
     dev = _device(backend)
     xs, xh, w, b, ko, ki = _make(SHAPES[1], torch.float64, dev)
