@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -108,3 +109,22 @@ def peaked_u(model, fractions: dict[str, float] | float, big: float = 40.0) -> d
             model.u[offs[gi] + j - 1] = big
             keep[g.name] = j * g.divisor
     return keep
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated; a BN over the concat; a conv consuming it; a flatten into a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bna = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.bnb = nn.BatchNorm2d(5)
+        self.bn_cat = nn.BatchNorm2d(11)
+        self.c = nn.Conv2d(11, 7, 3, padding=1)
+        self.fc = nn.Linear(7 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.bna(self.a(x))), F.relu(self.bnb(self.b(x)))], 1)
+        y = F.relu(self.c(F.relu(self.bn_cat(y))))
+        return self.fc(F.adaptive_avg_pool2d(y, 4).flatten(1))

@@ -6,7 +6,7 @@ from torch import nn
 
 import s2h
 from s2h_kernels import reference
-from s2h_reference import macs, plain_copy, random_u, randomize_norms, tp_prune
+from s2h_reference import CatNet, macs, plain_copy, random_u, randomize_norms, tp_prune
 
 
 @pytest.fixture(autouse=True)
@@ -15,25 +15,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class CatNet(nn.Module):
-    """Two branches concatenated; a BN over the concat; a conv consuming it; a flatten into a linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 6, 3, padding=1)
-        self.bna = nn.BatchNorm2d(6)
-        self.b = nn.Conv2d(3, 5, 1)
-        self.bnb = nn.BatchNorm2d(5)
-        self.bn_cat = nn.BatchNorm2d(11)
-        self.c = nn.Conv2d(11, 7, 3, padding=1)
-        self.fc = nn.Linear(7 * 4 * 4, 3)
-
-    def forward(self, x):
-        y = torch.cat([F.relu(self.bna(self.a(x))), F.relu(self.bnb(self.b(x)))], 1)
-        y = F.relu(self.c(F.relu(self.bn_cat(y))))
-        return self.fc(F.adaptive_avg_pool2d(y, 4).flatten(1))
 
 
 def test_concat_consumer_takes_offset_ranges():

@@ -11,7 +11,7 @@ import s2h
 import s2h.model as s2h_model
 from s2h.layers import ChannelSpec, Segment
 from s2h_kernels import reference
-from s2h_reference import peaked_u, plain_copy, random_u, randomize_norms, tp_prune
+from s2h_reference import CatNet, peaked_u, plain_copy, random_u, randomize_norms, tp_prune
 
 
 @pytest.fixture(autouse=True)
@@ -186,12 +186,21 @@ def test_batchnorm_keeps_statistics_per_branch():
     torch.testing.assert_close(bn.running_mean, before["running_mean"])
 
 
-def test_hard_statistics_match_a_pruned_model_trained_alike():
-    """A hard train-mode forward updates the hard stats exactly as Torch-Pruning's pruned copy's own."""
-    net, model, x = make()
+@pytest.mark.parametrize("arch", ["residual", "concat"])
+def test_hard_statistics_match_a_pruned_model_trained_alike(arch):
+    """A hard train-mode forward updates the hard stats exactly as Torch-Pruning's pruned copy's own
+    (behind a concat the BN keeps an offset range: its statistics are gathered and scattered back)."""
+    if arch == "residual":
+        net, model, x = make()
+    else:
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 8, 8)
+        model = s2h.convert(randomize_norms(CatNet()), x[:1])
     random_u(model, seed=4)
     keep = model.keep_counts()
     channels = {g.name: g.channels for g in model.groups}
+    if arch == "concat":
+        assert not model.model.bn_cat.out_spec.is_prefix and keep["a"] < 6
     pruned = tp_prune(plain_copy(model, stats="hard").eval(), x[:1], keep, channels)
     model.train()
     pruned.train()
