@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import s2h_kernels
+
 __all__ = [
     "DEFAULT_EXCLUDE", "IMPORTANCE_METHODS", "PRUNABLE_TYPES",
     "ca_kld", "total_loss", "prunable_weights", "distill", "train", "importance", "magnitude_importance",
@@ -77,33 +79,14 @@ FORMAT = "s2h-pruned/1"
 # loss
 
 
-def _ca_kld_fallback(student_logits, teacher_logits, temperature=4.0, gamma=None, standardize=True,
-                     reduction="batchmean"):
-    """Stand-in for s2h_kernels.ca_kld while the fused op is being written (removed once it lands)."""
-    s, t = student_logits, teacher_logits.detach()
-    g = torch.softmax(t, -1).max(-1).values.mean() if gamma is None else torch.as_tensor(gamma, dtype=s.dtype)
-    if standardize:
-        s = (s - s.mean(-1, keepdim=True)) / (s.std(-1, keepdim=True) + 1e-7)
-        t = (t - t.mean(-1, keepdim=True)) / (t.std(-1, keepdim=True) + 1e-7)
-    log_ps, log_pt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
-    pt = log_pt.exp()
-    row = g * (pt * (log_pt - log_ps)).sum(-1) + (1 - g) * (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    if reduction == "none":
-        return row
-    return row.sum() / row.shape[0] if reduction == "batchmean" else (row.sum() if reduction == "sum" else row.mean())
-
-
 def ca_kld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
            gamma: float | None = None, standardize: bool = True, reduction: str = "batchmean") -> torch.Tensor:
-    """Confidence-aware KL distillation loss (``s2h_kernels.ca_kld``); gradient reaches the student only."""
-    try:
-        import s2h_kernels
+    """Confidence-aware KL distillation loss: the fused ``s2h_kernels.ca_kld`` (no T² factor inside).
 
-        op = getattr(s2h_kernels, "ca_kld", _ca_kld_fallback)
-    except ImportError:  # the extension is not built yet
-        op = _ca_kld_fallback
-    return op(student_logits, teacher_logits, temperature=temperature, gamma=gamma, standardize=standardize,
-              reduction=reduction)
+    Gradient reaches the student only; the backend follows the device (C++ on CPU, Triton on CUDA).
+    """
+    return s2h_kernels.ca_kld(student_logits, teacher_logits, temperature=temperature, gamma=gamma,
+                              standardize=standardize, reduction=reduction)
 
 
 def total_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None,

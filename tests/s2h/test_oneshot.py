@@ -87,6 +87,21 @@ def test_total_loss_matches_reference(alpha, gamma, kd_scale):
     assert t.grad is None or torch.all(t.grad == 0)  # no gradient reaches the teacher
 
 
+def test_loss_runs_on_the_fused_op(monkeypatch):
+    import s2h_kernels
+
+    calls = []
+    real = s2h_kernels.ca_kld
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(s2h_kernels, "ca_kld", spy)
+    oneshot.total_loss(torch.randn(4, 10), torch.arange(4), torch.randn(4, 10), alpha=0.5, temperature=3.0, gamma=0.2)
+    assert calls == [{"temperature": 3.0, "gamma": 0.2, "standardize": True, "reduction": "batchmean"}]
+
+
 def test_ca_kld_zero_for_identical_logits_and_positive_otherwise():
     z = torch.randn(5, 7)
     assert oneshot.ca_kld(z, z).abs() < 1e-6
@@ -531,6 +546,23 @@ def test_load_pruned_rebuilds_from_spec(tmp_path):
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(loaded.eval()(x), model.eval()(x))
     assert isinstance(loaded.features[3], nn.Conv2d)  # plain layers, zeros inside
+
+
+def test_saved_model_goes_through_sparsify(tmp_path):
+    """What save_pruned writes is what s2h.sparse.sparsify consumes: plain layers with zeros."""
+    from s2h.sparse import SparseConv2d, SparseLinear, sparsify
+
+    model = randomize_bn(build_model("small_cnn_student", 10, 1, 8))
+    masks = oneshot.prune(model, oneshot.magnitude_importance(model), 0.9)
+    oneshot.save_pruned(tmp_path, model, masks,
+                        spec={"arch": "small_cnn_student", "num_classes": 10, "in_channels": 1, "image_size": 8})
+    loaded, _ = oneshot.load_pruned(tmp_path)
+    loaded.eval()
+    sparse = sparsify(loaded, min_sparsity=0.5, calibrate=False)
+    kinds = {n: type(m) for n, m in sparse.named_modules()}
+    assert kinds["features.3"] is SparseConv2d and kinds["classifier.0"] is SparseLinear
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(sparse(x), loaded(x), rtol=1e-4, atol=1e-5)
 
 
 def test_build_model_torchvision_adapted():
