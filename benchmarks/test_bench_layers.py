@@ -58,7 +58,7 @@ def plain_masked(model):
 
     This is the literal algorithm's hard network: full-width compute, pruned channels zeroed.
     """
-    keep = model._masks_nograd().keep_list
+    keep = model._ensure_masks(grad=False).keep_list
     net = copy.deepcopy(model.model)
     hooks = []
     for name, m in list(net.named_modules()):

@@ -13,6 +13,7 @@ architecture — ``model_factory()`` — and those widths; no module is pickled.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ from .layers import (
     S2HLayerNorm,
     S2HLinear,
     _take,
+    swap_modules,
 )
 
 __all__ = ["export", "save", "load"]
@@ -36,7 +38,7 @@ FORMAT_VERSION = 1
 
 def _keep_list(model, widths) -> list[int]:
     if widths is None:
-        return list(model._masks_nograd().keep_list)
+        return list(model._ensure_masks(grad=False).keep_list)
     names = [g.name for g in model.groups]
     if isinstance(widths, dict):
         unknown = set(widths) - set(names)
@@ -58,8 +60,8 @@ def _keep_list(model, widths) -> list[int]:
 
 @torch.no_grad()
 def _plain(layer: nn.Module, keep: Sequence[int]) -> nn.Module:
-    dev = next((t.device for t in layer.parameters()), None) or next((t.device for t in layer.buffers()),
-                                                                    torch.device("cpu"))
+    t = next(itertools.chain(layer.parameters(), layer.buffers()), None)
+    dev = t.device if t is not None else torch.device("cpu")
     sel_out = layer.out_spec.kept(keep, dev) if layer.out_spec is not None else None
     sel_in = layer.in_spec.kept(keep, dev) if layer.in_spec is not None else None
     if isinstance(layer, S2HConv2d):
@@ -124,10 +126,7 @@ def export(model, widths=None) -> nn.Module:
     for _, mod in net.named_modules():
         if isinstance(mod, S2H_LAYER_TYPES) and mod not in replaced:
             replaced[mod] = _plain(mod, keep)
-    for parent in list(net.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child in replaced:
-                parent._modules[child_name] = replaced[child]
+    swap_modules(net, replaced)
     net.s2h_widths = {g.name: k for g, k in zip(model.groups, keep)}
     net.s2h_config = copy.deepcopy(model.config)
     return net

@@ -15,13 +15,15 @@ branch's prefix keeps the most important channels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .layers import Segment
+from .layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLayerNorm, S2HLinear, Segment
 
 __all__ = ["GroupInfo", "Member", "find_groups", "reorder_channels", "trace_errors"]
 
@@ -150,6 +152,7 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
 
     ops = tp.ops
     fine_ops = (ops._ElementWiseOp, ops._ReshapeOp, ops._ConcatOp)
+    order = {n: i for i, n in enumerate(names.values())}
     groups: list[GroupInfo] = []
     for g in raw:
         root_mod = g[0].dep.target.module
@@ -174,16 +177,17 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
                 raise _unsupported(dg._param_to_name.get(mod, str(type(mod).__name__)), mod, root,
                                    "a bare nn.Parameter (or an unknown op) holds the group's channels")
             is_out = dg.is_out_channel_pruning_fn(dep.handler)
-            if type(mod) is nn.Conv2d or _is_s2h(mod, "S2HConv2d"):
+            t = type(mod)  # exact types: a subclass may compute something else in its forward
+            if t in (nn.Conv2d, S2HConv2d):
                 depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
                 if mod.groups > 1 and not depthwise:
                     raise _unsupported(name, mod, root, f"grouped convolution (groups={mod.groups}) that is not depthwise")
                 kind = "depthwise" if depthwise else ("out" if is_out else "in")
-            elif isinstance(mod, nn.Linear) and (type(mod) is nn.Linear or _is_s2h(mod, "S2HLinear")):
+            elif t in (nn.Linear, S2HLinear):
                 kind = "out" if is_out else "in"
-            elif type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d) or _is_s2h(mod, "S2HBatchNorm1d", "S2HBatchNorm2d"):
+            elif t in (nn.BatchNorm1d, nn.BatchNorm2d, S2HBatchNorm1d, S2HBatchNorm2d):
                 kind = "norm"
-            elif type(mod) is nn.LayerNorm or _is_s2h(mod, "S2HLayerNorm"):
+            elif t in (nn.LayerNorm, S2HLayerNorm):
                 if len(mod.normalized_shape) != 1:
                     raise _unsupported(name, mod, root, "LayerNorm over more than one dimension")
                 kind = "norm"
@@ -197,18 +201,14 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
         d = _group_divisor(channels, divisor)
         if channels // d < 2:
             continue  # a single bucket: nothing to choose
-        gi = len(groups)
-        order = {n: i for i, n in enumerate(names.values())}
-        mem = sorted((Member(m.module, m.kind, Segment(gi, m.segment.start, m.segment.channels, m.segment.repeat))
-                      for m in members.values()), key=lambda m: order.get(m.module, len(order)))
+        mem = sorted(members.values(), key=lambda m: order[m.module])
         # named after its first producer in module order (the stem conv, a block's first conv, ...)
         gname = next(m.module for m in mem if m.kind in ("out", "depthwise"))
         groups.append(GroupInfo(name=gname, channels=channels, divisor=d, members=mem))
-    order = {n: i for i, n in enumerate(names.values())}
-    groups.sort(key=lambda g: order.get(g.name, len(order)))
+    groups.sort(key=lambda g: order[g.name])
     for gi, g in enumerate(groups):
-        g.members = [Member(m.module, m.kind, Segment(gi, m.segment.start, m.segment.channels, m.segment.repeat))
-                     for m in g.members]
+        for m in g.members:
+            m.segment = dataclasses.replace(m.segment, group=gi)
     return groups
 
 
@@ -221,14 +221,8 @@ def _reaches_output(dg, dep, fine_ops) -> bool:
     return not node.outputs and carries_group
 
 
-def _is_s2h(mod, *cls_names) -> bool:
-    return type(mod).__name__ in cls_names and type(mod).__module__ == "s2h.layers"
-
-
 def _group_divisor(channels: int, divisor: int) -> int:
     """The bucket size for a group: ``divisor`` when it divides the channels, else their gcd."""
-    import math
-
     return math.gcd(int(channels), int(divisor))
 
 

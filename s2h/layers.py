@@ -176,6 +176,14 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
+def swap_modules(root: nn.Module, mapping: dict[nn.Module, nn.Module]) -> None:
+    """Replace every reference to a key of ``mapping`` under ``root`` (shared modules included)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child in mapping:
+                parent._modules[name] = mapping[child]
+
+
 def _take(t: torch.Tensor | None, dim: int, sel) -> torch.Tensor | None:
     if t is None or sel is None:
         return t
@@ -266,13 +274,6 @@ class _S2HMixin:
         st = self._s2h_state
         return spec.soft_mask(st.w, st.channel_offsets)
 
-    def hard_shape(self) -> tuple[int, int]:
-        """(kept input entries, kept output entries) at the current keep counts."""
-        st = self._s2h_state
-        kin = self.in_spec.kept_size(st.keep_list) if self.in_spec is not None else self._in_size()
-        kout = self.out_spec.kept_size(st.keep_list) if self.out_spec is not None else self._out_size()
-        return kin, kout
-
 
 class S2HConv2d(_S2HMixin, nn.Conv2d):
     """``nn.Conv2d`` with soft / hard / dense branches. Same constructor plus ``mask_group``.
@@ -290,12 +291,6 @@ class S2HConv2d(_S2HMixin, nn.Conv2d):
     @property
     def depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels == self.out_channels
-
-    def _in_size(self) -> int:
-        return self.in_channels
-
-    def _out_size(self) -> int:
-        return self.out_channels
 
     @classmethod
     def from_module(cls, m: nn.Conv2d) -> "S2HConv2d":
@@ -361,12 +356,6 @@ class S2HLinear(_S2HMixin, nn.Linear):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, mask_group=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._s2h_init(mask_group)
-
-    def _in_size(self) -> int:
-        return self.in_features
-
-    def _out_size(self) -> int:
-        return self.out_features
 
     @classmethod
     def from_module(cls, m: nn.Linear) -> "S2HLinear":
@@ -457,32 +446,15 @@ def _side_stream(device):
     return s
 
 
-class _S2HNormMixin(_S2HMixin):
-    """Soft mask = norm affine scaled by w; hard = narrower norm; per-branch running statistics."""
+class _S2HBatchNorm(_S2HMixin):
+    """Soft mask = affine scaled by w; hard = the kept channels; running statistics per branch."""
 
-    def _in_size(self) -> int:
-        return self.num_features
-
-    _out_size = _in_size
-
-
-class _S2HBatchNorm(_S2HNormMixin):
     def _init_branch_stats(self) -> None:
+        """Soft and hard running statistics, starting as copies of the dense ones."""
         if self.track_running_stats:
             for br in ("soft", "hard"):
-                self.register_buffer(f"running_mean_{br}", self.running_mean.detach().clone())
-                self.register_buffer(f"running_var_{br}", self.running_var.detach().clone())
-                self.register_buffer(f"num_batches_tracked_{br}", self.num_batches_tracked.detach().clone())
-
-    def reset_branch_stats(self, source: str = "dense") -> None:
-        """Copy one branch's running statistics into the other two (e.g. after loading dense weights)."""
-        if not self.track_running_stats:
-            return
-        src = self._stats(source)
-        for br in BRANCHES:
-            if br != source:
-                for t, s in zip(self._stats(br), src):
-                    t.data.copy_(s.data)
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    self.register_buffer(f"{name}_{br}", getattr(self, name).detach().clone())
 
     def _stats(self, br: str):
         if br == "dense":
@@ -495,10 +467,7 @@ class _S2HBatchNorm(_S2HNormMixin):
         new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta",
                   dtype=(m.weight.dtype if m.weight is not None else None))
         _adopt(new, m)
-        if new.track_running_stats:
-            for br in ("soft", "hard"):
-                for name in ("running_mean", "running_var", "num_batches_tracked"):
-                    new._buffers[f"{name}_{br}"] = getattr(new, name).detach().clone()
+        new._init_branch_stats()
         return new
 
     def _bn(self, x, br: str, sel, scale):
@@ -527,9 +496,7 @@ class _S2HBatchNorm(_S2HNormMixin):
             scale = scale.to(x.dtype)
             if weight is not None:
                 weight, bias = weight * scale, bias * scale
-        y = F.batch_norm(x, rm if (not self.training or self.track_running_stats) else None,
-                         rv if (not self.training or self.track_running_stats) else None,
-                         weight, bias, bn_training, factor, self.eps)
+        y = F.batch_norm(x, rm, rv, weight, bias, bn_training, factor, self.eps)
         if scale is not None and self.weight is None:
             y = y * scale.view((1, -1) + (1,) * (y.dim() - 2))
         if scatter is not None and self.training:
@@ -573,7 +540,7 @@ class S2HBatchNorm1d(_S2HBatchNorm, nn.BatchNorm1d):
         self._init_branch_stats()
 
 
-class S2HLayerNorm(_S2HNormMixin, nn.LayerNorm):
+class S2HLayerNorm(_S2HMixin, nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension; the hard branch normalises over the kept channels."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
@@ -595,17 +562,12 @@ class S2HLayerNorm(_S2HNormMixin, nn.LayerNorm):
 
     def _ln(self, x, sel, scale):
         weight, bias = _take(self.weight, 0, sel), _take(self.bias, 0, sel)
-        n = x.shape[-1]
-        if scale is not None:
+        if scale is not None and weight is not None:  # (LN(x)·γ + β)·w = LN(x)·(γw) + βw
             scale = scale.to(x.dtype)
-            if weight is not None:
-                weight = weight * scale
-                bias = bias * scale if bias is not None else None
-        y = F.layer_norm(x, (n,), weight, bias, self.eps)
-        if scale is not None and (self.weight is None or self.bias is None):
-            if self.weight is None:
-                y = y * scale
-        return y
+            weight, bias = weight * scale, (bias * scale if bias is not None else None)
+            scale = None
+        y = F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        return y if scale is None else y * scale.to(x.dtype)
 
     def forward(self, x):
         br = self._branch()

@@ -36,6 +36,7 @@ from .layers import (
     S2HLinear,
     branch,
     current_branch,
+    swap_modules,
 )
 
 __all__ = ["S2HModel", "convert"]
@@ -95,8 +96,8 @@ class S2HModel(nn.Module):
         return [p for n, p in self.named_parameters() if p is not self.u and p.requires_grad]
 
     def _mask_version(self) -> tuple:
-        need_grad = torch.is_grad_enabled() and self.u.requires_grad
-        return (self.u._version, self.u.data_ptr(), self.u.device, self.temperature, self.hard_width, need_grad)
+        """What the cached masks depend on: u's storage and in-place version, τ, the hard width."""
+        return (self.u._version, self.u.data_ptr(), self.u.device, self.temperature, self.hard_width)
 
     def update_masks(self):
         """Compute ``(w, E, keep)`` for all groups with ONE ``channel_masks`` call and cache them.
@@ -111,40 +112,33 @@ class S2HModel(nn.Module):
         if not self.groups:  # nothing to prune (everything ignored or unprunable)
             w, e = self.u.new_zeros(0), self.u.new_zeros(0)
             keep = torch.zeros(0, dtype=torch.int64, device=self.u.device)
-            self._mask_state.set(w, e, keep, version=self._mask_version())
-            return w, e, keep
-        divisors = None if self._unit_divisors else self.group_divisors
-        w, e, keep = channel_masks(self.u, self.group_offsets, temperature=self.temperature,
-                                   divisors=divisors, hard_width=self.hard_width)
+        else:
+            divisors = None if self._unit_divisors else self.group_divisors
+            w, e, keep = channel_masks(self.u, self.group_offsets, temperature=self.temperature,
+                                       divisors=divisors, hard_width=self.hard_width)
         self._mask_state.set(w, e, keep, version=self._mask_version())
         return w, e, keep
 
-    def _ensure_masks(self) -> MaskState:
+    def _ensure_masks(self, grad: bool = True) -> MaskState:
+        """The cached masks, recomputed when stale: u changed, nothing cached, or (``grad``) the
+        cache has no autograd graph while grad is enabled for u."""
         st = self._mask_state
-        if st.w is None:
-            self.update_masks()
-            return st
-        v_now, v_old = self._mask_version(), st.version
-        if v_old is None or v_now[:5] != v_old[:5] or (v_now[5] and not v_old[5]):
-            self.update_masks()
+        need_graph = grad and torch.is_grad_enabled() and self.u.requires_grad
+        stale = st.w is None or st.version != self._mask_version()
+        if stale or (need_graph and st.w.grad_fn is None and st.w.numel()):
+            with torch.set_grad_enabled(need_graph):
+                self.update_masks()
         return st
 
     def keep_counts(self) -> dict[str, int]:
         """Hard width (channels kept) per group, by group name."""
-        st = self._masks_nograd()
+        st = self._ensure_masks(grad=False)
         return {g.name: k for g, k in zip(self.groups, st.keep_list)}
 
     def expected_widths(self) -> dict[str, float]:
         """Expected width E (channels) per group, by group name."""
-        st = self._masks_nograd()
+        st = self._ensure_masks(grad=False)
         return {g.name: float(e) for g, e in zip(self.groups, st.expected.detach().tolist())}
-
-    def _masks_nograd(self) -> MaskState:
-        st = self._mask_state
-        if st.w is None or st.version is None or self._mask_version()[:5] != st.version[:5]:
-            with torch.no_grad():
-                self.update_masks()
-        return st
 
     # ---------------------------------------------------------------- forwards
     def forward(self, *args, **kwargs):
@@ -216,7 +210,7 @@ class S2HModel(nn.Module):
 
     def hard_flops(self) -> float:
         """MACs per sample of the hard network (= of ``export()``)."""
-        st = self._masks_nograd()
+        st = self._ensure_masks(grad=False)
         return float(self._flops(st.keep))
 
     def dense_flops(self) -> float:
@@ -302,10 +296,7 @@ def _replace_modules(model: nn.Module, grouped_norms: set[str]) -> dict[str, nn.
         new = cls.from_module(mod)
         new_of[mod] = new
         by_name[name] = new
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child in new_of:
-                parent._modules[child_name] = new_of[child]
+    swap_modules(model, new_of)
     return by_name
 
 
