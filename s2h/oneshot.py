@@ -826,6 +826,8 @@ def main(args: argparse.Namespace) -> dict:
     log = _Log(out / "log.txt")
     progress = not args.no_progress
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"oneshot: --device {args.device} asked for, but no CUDA GPU is available")
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -890,13 +892,14 @@ def main(args: argparse.Namespace) -> dict:
     # ---- importance, prune, retrain
     runs = []
     retrain_teacher = None if args.no_kd_retrain else teacher
-    # Importance batches drawn by their own seeded generator: the same dense student gets the same
-    # scores whatever ran before (teacher training, distillation, a checkpoint instead).
-    score_loader = torch.utils.data.DataLoader(
-        data.train.dataset, batch_size=data.train.batch_size, shuffle=True, num_workers=data.train.num_workers,
-        generator=torch.Generator().manual_seed(args.seed + 1), pin_memory=data.train.pin_memory)
     for method in args.importance:
         t0 = time.perf_counter()
+        # Importance batches drawn by their own seeded generator, anew per method: every method sees
+        # the same batches, and the same dense student gets the same scores whatever ran before
+        # (teacher training, distillation or a checkpoint instead, other methods).
+        score_loader = torch.utils.data.DataLoader(
+            data.train.dataset, batch_size=data.train.batch_size, shuffle=True, num_workers=data.train.num_workers,
+            generator=torch.Generator().manual_seed(args.seed + 1), pin_memory=data.train.pin_memory)
         student.load_state_dict(dense_state)
         scores = compute_importance(method, student, teacher, score_loader, alpha=args.alpha,
                                     temperature=args.temperature, batches=args.importance_batches,
