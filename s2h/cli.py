@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("oneshot", help="teacher-guided one-shot unstructured pruning",
                        description="Train a teacher, distill a student, score weights by |theta * dL/dtheta| "
-                                   "(L = alpha*CA-KLD + (1-alpha)*CE), prune in one shot, retrain with the "
+                                   "(L = alpha*T^2*CA-KLD + (1-alpha)*CE), prune in one shot, retrain with the "
                                    "mask fixed. Default data: the bundled digits, offline in minutes.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     oneshot.add_arguments(p)

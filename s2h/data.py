@@ -40,7 +40,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -123,17 +123,6 @@ def dataset_info(name: str, image_size: int | None = None, num_classes: int | No
         raise ValueError("dataset_info: imagefolder needs num_classes (it is read from the folders)")
     mean, std = _STATS[key]
     return DatasetInfo(key, int(classes), _CHANNELS[key], int(image_size or _NATIVE_SIZE[key]), mean, std)
-
-
-class _Normalize:
-    """(x - mean) / std per channel for a CHW float tensor (picklable, so workers can use it)."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def _image_transform(key: str, train: bool, augment: bool, image_size: int):

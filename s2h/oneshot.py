@@ -710,9 +710,13 @@ def _exclude_list(text: str) -> tuple[str, ...]:
 
 
 def _alpha(text: str) -> float:
-    v = float(text)
+    """A number in [0, 1] (alpha, gamma)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"alpha {text} is outside [0, 1]")
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
     return v
 
 
@@ -748,7 +752,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k = p.add_argument_group("distillation and pruning")
     k.add_argument("--alpha", type=_alpha, default=0.5, help="weight of CA-KLD in alpha*CA-KLD + (1-alpha)*CE")
     k.add_argument("--temperature", type=_positive, default=4.0, help="CA-KLD temperature T")
-    k.add_argument("--gamma", type=float, default=None,
+    k.add_argument("--gamma", type=_alpha, default=None,
                    help="CA-KLD direction mix (default: the teacher's mean top-1 probability per batch)")
     k.add_argument("--no-standardize", action="store_true", help="do not standardise logits per row in CA-KLD")
     k.add_argument("--kd-scale", type=float, default=None,

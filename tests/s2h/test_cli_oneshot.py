@@ -95,6 +95,10 @@ def test_bad_importance_and_teacher_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["oneshot", "--importance", "random"])
     assert "unknown importance" in capsys.readouterr().err
+    for opt, val in (("--gamma", "1.5"), ("--alpha", "-0.5"), ("--temperature", "0")):
+        with pytest.raises(SystemExit):
+            cli.main(["oneshot", opt, val])
+        assert opt in capsys.readouterr().err
     # a teacher trained for 5 classes cannot teach a 10-class student
     from s2h.models import build_model
 
