@@ -42,6 +42,11 @@
 namespace s2h::spmm {
 namespace {
 
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::atoll(v) : fallback;
+}
+
 // ----------------------------------------------------------------------------------------------
 // ISA choice
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
@@ -93,6 +98,10 @@ struct TileArgs {
   bool relu;
   bool first;  // first K panel: start from the bias, else from the partial sums in y
   bool last;   // last K panel: apply the ReLU
+  // Conv grid (AVX-512 only): vector v keeps the lanes in wmask[v] and stores them packed at
+  // y + r*ldy + wdst[v] (compress on store, expand on reload).  Null: plain rows.
+  const uint16_t* wmask;
+  const int32_t* wdst;
 };
 template <typename T>
 using TileFn = void (*)(const TileArgs<T>&);
@@ -108,6 +117,7 @@ struct Kernels {
   int vmax;              // vectors per full tile
   TileFn<T> full[9];     // by vector count V = 1..vmax, every vector full
   TileFn<T> tail[9];     // by V, the last vector partial
+  TileFn<T> wrap[9];     // by V, conv grid epilogue (null: compute into a buffer and copy out)
   DotFn<T> dot;
   int64_t tile_cols() const { return static_cast<int64_t>(width) * vmax; }
 };
@@ -174,12 +184,20 @@ constexpr int chains(int v) { return v >= 8 ? 1 : v >= 4 ? 2 : v >= 2 ? 4 : 8; }
 
 // ----------------------------------------------------------------------------------------------
 // AVX-512
-#define S2H_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define S2H_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt")))
 
-template <int V, bool TAIL>
+template <int V, bool TAIL, bool WRAP = false>
 S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
   constexpr int U = chains(V);
   const __mmask16 tm = TAIL ? static_cast<__mmask16>((1u << (a.nv - 16 * (V - 1))) - 1u) : 0xFFFF;
+  __mmask16 wm[V], wpacked[V];
+  if constexpr (WRAP) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      wm[v] = a.wmask[v];
+      wpacked[v] = static_cast<__mmask16>((1u << __builtin_popcount(a.wmask[v])) - 1u);
+    }
+  }
   const float* __restrict vals = a.vals;
   const int32_t* __restrict off = a.off - a.nnz_base;
   const float* __restrict xq = a.xq;
@@ -199,7 +217,10 @@ S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
       for (int v = 0; v < V; ++v) acc[0][v] = b;
     } else {
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[0][v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, yr + 16 * v) : _mm512_loadu_ps(yr + 16 * v);
+      for (int v = 0; v < V; ++v) {
+        if constexpr (WRAP) acc[0][v] = _mm512_maskz_expand_ps(wm[v], _mm512_maskz_loadu_ps(wpacked[v], yr + a.wdst[v]));
+        else acc[0][v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, yr + 16 * v) : _mm512_loadu_ps(yr + 16 * v);
+      }
     }
     for (; j + U <= e; j += U) {
 #pragma GCC unroll 8
@@ -231,7 +252,8 @@ S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
     for (int v = 0; v < V; ++v) {
       __m512 o = acc[0][v];
       if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
-      if (TAIL && v == V - 1) _mm512_mask_storeu_ps(yr + 16 * v, tm, o);
+      if constexpr (WRAP) _mm512_mask_storeu_ps(yr + a.wdst[v], wpacked[v], _mm512_maskz_compress_ps(wm[v], o));
+      else if (TAIL && v == V - 1) _mm512_mask_storeu_ps(yr + 16 * v, tm, o);
       else _mm512_storeu_ps(yr + 16 * v, o);
     }
   }
@@ -263,6 +285,7 @@ template <int V>
 void set_avx512(Kernels<float>& k) {
   k.full[V] = tile_avx512<V, false>;
   k.tail[V] = tile_avx512<V, true>;
+  k.wrap[V] = tile_avx512<V, true, true>;
   if constexpr (V > 1) set_avx512<V - 1>(k);
 }
 
@@ -485,7 +508,10 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
     }
   }
   const bool wrap = p.wq > 0;
-  if (wrap) s.tile.resize(static_cast<size_t>(rows * tc));
+  const bool wrap_native = wrap && k.wrap[1] != nullptr;
+  if (wrap && !wrap_native) s.tile.resize(static_cast<size_t>(rows * tc));
+  uint16_t wmask[16];
+  int32_t wdst[16];
 
   TileArgs<T> a{};
   a.vals = p.vals;
@@ -499,13 +525,35 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
     const int64_t b = t / ntiles, q0 = (t - b * ntiles) * tc;
     const int64_t nv = std::min(tc, p.n - q0);
     const int64_t nvec = (nv + k.width - 1) / k.width;
-    const TileFn<T> fn = (nv % k.width == 0) ? k.full[nvec] : k.tail[nvec];
+    TileFn<T> fn = (nv % k.width == 0) ? k.full[nvec] : k.tail[nvec];
     a.xq = p.x + b * p.x_bstride + q0;
     a.nv = nv;
     T* yb = p.y + b * p.y_bstride;
     if (!wrap) {
       a.y = yb + q0;
       a.ldy = p.ldy;
+    } else if (wrap_native) {
+      // Lanes of the grid q = oh*wq + ow with ow < wo, stored packed at oh*wo + ow.
+      for (int64_t v = 0; v < nvec; ++v) {
+        uint32_t mask = 0;
+        int32_t dst = -1;
+        for (int64_t l = 0; l < k.width; ++l) {
+          const int64_t q = q0 + v * k.width + l;
+          if (q >= q0 + nv) break;
+          const int64_t oh = q / p.wq, ow = q - oh * p.wq;
+          if (ow < p.wo) {
+            mask |= 1u << l;
+            if (dst < 0) dst = static_cast<int32_t>(oh * p.wo + ow);
+          }
+        }
+        wmask[v] = static_cast<uint16_t>(mask);
+        wdst[v] = dst < 0 ? 0 : dst;
+      }
+      a.wmask = wmask;
+      a.wdst = wdst;
+      a.y = yb;
+      a.ldy = p.ldy;
+      fn = k.wrap[nvec];
     } else {  // compute into the per-thread tile buffer, keep the columns ow < wo afterwards
       a.y = s.tile.data() - r0 * tc;
       a.ldy = tc;
@@ -522,7 +570,7 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
       a.last = q == panels - 1;
       fn(a);
     }
-    if (!wrap) continue;
+    if (!wrap || wrap_native) continue;
     for (int64_t r = r0; r < r1; ++r) {
       const T* src = s.tile.data() + (r - r0) * tc;
       T* dst = yb + r * p.ldy;
@@ -538,11 +586,6 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
   }
 }
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return (v && *v) ? std::atoll(v) : fallback;
-}
-
 template <typename T>
 void run(const Problem<T>& p) {
   const Kernels<T>& k = kernels_for<T>(std::is_same_v<T, float> ? active_isa() : Isa::scalar);
@@ -550,28 +593,41 @@ void run(const Problem<T>& p) {
   const int64_t ntiles = p.batch * ((p.n + tc - 1) / tc);
   if (p.m == 0 || ntiles == 0) return;
   const int64_t nnz = p.row_ptr[p.m];
-  // K panels sized so that the X panel of one tile stays in L1; only worth it while a row
-  // still has enough nonzeros per panel to amortise reloading its partial sums.
-  int64_t panel_cols = std::max<int64_t>(p.k, 1);
-  {
-    const int64_t budget = env_int("S2H_SPMM_L1", 32 * 1024);
-    const int64_t per_group = p.group_phases * (std::min(tc, p.n) + p.group_span) * (int64_t)sizeof(T);
-    const int64_t cols = std::max<int64_t>(1, budget / std::max<int64_t>(per_group, 1)) * p.col_group;
-    const double per_row_panel = (double)nnz / p.m * (double)cols / std::max<int64_t>(p.k, 1);
-    if (cols < p.k && per_row_panel >= (double)env_int("S2H_SPMM_PMIN", 12)) panel_cols = cols;
-  }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Work of the whole problem in "nonzero x tile" units; tiny problems stay on one thread.
   const int64_t work = (nnz + 4 * p.m) * ntiles * std::min<int64_t>(p.n, tc);
   int64_t parts = std::min<int64_t>(threads, std::max<int64_t>(1, work / (1 << 15)));
+  // Rows (nnz-balanced ranges, every thread walks all tiles) or tiles (every thread all rows).
+  // Per thread, rows read all of X and 1/parts of W from memory, tiles 1/parts of X and all of
+  // W (W is re-read per tile from L2 either way): split the tiles when X outweighs W and there
+  // are enough of them to balance, or when there are too few rows.
+  const int64_t x_bytes = (p.x_bstride > 0 ? p.batch * p.x_bstride : p.k * p.ldx) * (int64_t)sizeof(T);
+  const int64_t w_bytes = nnz * (int64_t)(sizeof(T) + sizeof(int32_t));
+  const bool by_tiles = parts > 1 && ((ntiles >= 3 * parts && (p.m < 8 * parts || x_bytes > w_bytes)) || p.m < parts);
+  const bool by_rows = parts > 1 && !by_tiles;
+  if (by_rows) parts = std::min(parts, p.m);
+  const int64_t rows_per_thread = by_rows ? (p.m + parts - 1) / parts : p.m;
+
+  // K panels: the X rows of one tile for a range of columns sized to stay in L1, all rows of a
+  // thread walked per panel with their partial sums kept in y.  Worth it while a row still has
+  // enough nonzeros per panel and (for a plain matmul) the partial sums of the thread's rows
+  // stay near L1; a conv gains more (the kh*kw taps of a channel share its lines).
+  int64_t panel_cols = std::max<int64_t>(p.k, 1);
+  {
+    const bool conv = p.col_group > 1;  // kh*kw > 1 taps per input channel
+    const int64_t budget = env_int("S2H_SPMM_L1", 32 * 1024);
+    const int64_t tile_bytes = std::min(tc, p.n) * (int64_t)sizeof(T);
+    const int64_t per_group = p.group_phases * (std::min(tc, p.n) + p.group_span) * (int64_t)sizeof(T);
+    const int64_t cols = std::max<int64_t>(1, budget / std::max<int64_t>(per_group, 1)) * p.col_group;
+    const double per_row_panel = (double)nnz / p.m * (double)cols / std::max<int64_t>(p.k, 1);
+    const bool partials_fit = conv || rows_per_thread * tile_bytes <= env_int("S2H_SPMM_PARTIALS", 64 * 1024);
+    const int64_t pmin = env_int("S2H_SPMM_PMIN", conv ? 6 : 8);
+    if (cols < p.k && partials_fit && per_row_panel >= (double)pmin) panel_cols = cols;
+  }
   if (parts <= 1) {
     run_part(p, k, tc, panel_cols, 0, p.m, 0, ntiles);
     return;
   }
-  // Enough rows: nnz-balanced row ranges, every thread walks all tiles (X tile shared in L2,
-  // each thread streams its own rows of W).  Few rows: split the tiles.
-  const bool by_rows = p.m >= 8 * parts || ntiles < parts;
-  if (by_rows) parts = std::min(parts, p.m);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
       if (by_rows) {
@@ -620,6 +676,14 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   // Unit stride along N (any row stride); N == 1 wants a contiguous column for the gather.
   const bool ok = x_in.stride(1) == 1 || n == 1;
   at::Tensor x = (ok && (n != 1 || x_in.stride(0) == 1)) ? x_in : x_in.contiguous();
+  // Rows of X that do not start on a 64-byte line make every vector load a split load (about
+  // 1.2-1.7x slower when X lives in L2): copy X once into 16-float aligned rows.
+  if (x.scalar_type() == at::kFloat && n >= 16 && env_int("S2H_SPMM_ALIGN", 1) != 0 &&
+      (x.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0)) {
+    at::Tensor buf = at::empty({x.size(0), (n + 15) / 16 * 16}, x.options());
+    x = buf.narrow(1, 0, n);
+    x.copy_(x_in);
+  }
   TORCH_CHECK(x.numel() == 0 || x.stride(0) * (x.size(0) - 1) + n <= INT32_MAX, "spmm: x is too large for 32-bit offsets");
   at::Tensor y = at::empty({m, n}, x.options());
   at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -670,11 +734,18 @@ void fill_phases(const T* x, T* buf, int64_t bc, int64_t h, int64_t w, int64_t s
               std::fill(d, d + lo, T(0));
               std::memcpy(d + lo, s, sizeof(T) * cnt);
               std::fill(d + lo + cnt, d + wq, T(0));
-            } else {
-              for (int64_t j = 0; j < wq; ++j) {
-                const int64_t c = conv_src_index(j, b, sw, pw, w);
-                d[j] = c < 0 ? T(0) : s[c];
+            } else {  // d[j] = s[j*sw + b - pw]: zeros, a strided run of the row, zeros
+              const int64_t j0 = std::min<int64_t>(wq, std::max<int64_t>(0, (pw - b + sw - 1) / sw));
+              const int64_t last = w - 1 + pw - b;  // j*sw <= last
+              const int64_t j1 = last < 0 ? j0 : std::max<int64_t>(j0, std::min<int64_t>(wq, last / sw + 1));
+              std::fill(d, d + j0, T(0));
+              const T* sp = s + j0 * sw + b - pw;
+              if (sw == 2) {
+                for (int64_t j = 0; j < j1 - j0; ++j) d[j0 + j] = sp[2 * j];
+              } else {
+                for (int64_t j = 0; j < j1 - j0; ++j) d[j0 + j] = sp[j * sw];
               }
+              std::fill(d + j1, d + wq, T(0));
             }
           }
         }

@@ -1,0 +1,166 @@
+"""Sparse x dense matmul (s2h_kernels.spmm) and sparse conv on the CPU, against torch dense
+(torch.mm, F.conv2d) and torch CSR (torch.sparse.mm, MKL) in the same run.
+
+Shapes: ResNet-18/50 convolutions as GEMMs at batch 1 (M = out channels, K = in*kh*kw,
+N = H_out*W_out) and the classifiers (N = 1), sparsity 50-98%, 1 and 2 threads; plus the direct
+sparse conv against F.conv2d.  Every benchmark also checks its result against the dense one.
+
+    make bench     (or: pytest benchmarks/test_bench_spmm.py --benchmark-only --benchmark-json=out.json)
+    python benchmarks/test_bench_spmm.py out.json     -> the markdown table of benchmarks/results/spmm_cpu.md
+"""
+import functools
+import json
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import s2h_kernels
+from s2h_kernels import SparseWeight
+
+# name: (M, K, N)
+GEMMS = {
+    "r18.layer1.conv3x3": (64, 576, 3136),
+    "r18.layer3.conv3x3": (256, 2304, 196),
+    "r18.layer4.conv3x3": (512, 4608, 49),
+    "r50.layer3.conv1x1": (256, 1024, 196),
+    "r50.layer4.conv1x1": (2048, 512, 49),
+    "r18.fc": (1000, 512, 1),
+    "r50.fc": (1000, 2048, 1),
+}
+# name: (C_in, C_out, H, kernel, stride) at batch 1, padding kernel // 2
+CONVS = {
+    "r18.layer1.conv3x3": (64, 64, 56, 3, 1),
+    "r18.layer2.0.conv1.s2": (64, 128, 56, 3, 2),
+    "r18.layer3.conv3x3": (256, 256, 14, 3, 1),
+    "r18.layer4.conv3x3": (512, 512, 7, 3, 1),
+    "r50.layer1.conv1x1": (64, 256, 56, 1, 1),
+}
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+THREADS = [1, 2]
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"t{t}")
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_case(name, sparsity):
+    m, k, n = GEMMS[name]
+    g = torch.Generator().manual_seed(m + k + n)
+    w = torch.randn(m, k, generator=g)
+    w = w * (torch.rand(m, k, generator=g) >= sparsity)
+    x = torch.randn(k, n, generator=g)
+    return w, SparseWeight.from_dense(w), w.to_sparse_csr(), x, w @ x
+
+
+@functools.lru_cache(maxsize=None)
+def conv_case(name, sparsity):
+    cin, cout, h, k, s = CONVS[name]
+    g = torch.Generator().manual_seed(cin + cout + h)
+    w = torch.randn(cout, cin, k, k, generator=g)
+    w = w * (torch.rand(w.shape, generator=g) >= sparsity)
+    x = torch.randn(1, cin, h, h, generator=g)
+    return w, SparseWeight.from_dense(w.reshape(cout, -1)), x, F.conv2d(x, w, None, s, k // 2)
+
+
+def run(benchmark, fn):
+    """pedantic with a round count sized to about 0.2 s per benchmark (the suite stays short)."""
+    if benchmark.disabled:
+        return benchmark(fn)
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    dt = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(60, max(5, 0.2 / dt)))
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def check(out, ref):
+    ref = ref.to(out.dtype)
+    scale = ref.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(scale))
+
+
+METHODS = ["dense_mm", "torch_csr", "s2h_spmm"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{int(round(s * 100))}")
+@pytest.mark.parametrize("name", list(GEMMS))
+def test_gemm(benchmark, threads, name, sparsity, method):
+    w, sw, csr, x, ref = gemm_case(name, sparsity)
+    m, k, n = GEMMS[name]
+    benchmark.group = f"gemm {name} ({m}x{k}x{n}) s{int(round(sparsity * 100))} t{threads}"
+    benchmark.extra_info.update(kind="gemm", shape=name, mkn=[m, k, n], sparsity=sparsity, threads=threads,
+                                method=method)
+    fn = {
+        "dense_mm": lambda: torch.mm(w, x),
+        "torch_csr": lambda: torch.sparse.mm(csr, x),
+        "s2h_spmm": lambda: s2h_kernels.spmm(sw, x),
+    }[method]
+    with torch.no_grad():
+        out = run(benchmark, fn)
+    check(out, ref)
+
+
+@pytest.mark.parametrize("method", ["dense_conv2d", "s2h_conv"])
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{int(round(s * 100))}")
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv(benchmark, threads, name, sparsity, method):
+    w, sw, x, ref = conv_case(name, sparsity)
+    cin, cout, h, k, s = CONVS[name]
+    benchmark.group = f"conv {name} ({cin}->{cout}, {h}x{h}, k{k} s{s}) s{int(round(sparsity * 100))} t{threads}"
+    benchmark.extra_info.update(kind="conv", shape=name, sparsity=sparsity, threads=threads, method=method)
+    fn = {
+        "dense_conv2d": lambda: F.conv2d(x, w, None, s, k // 2),
+        "s2h_conv": lambda: s2h_kernels.spmm_conv2d(sw, x, k, None, s, k // 2),
+    }[method]
+    with torch.no_grad():
+        out = run(benchmark, fn)
+    check(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown table from a --benchmark-json file
+# ----------------------------------------------------------------------------------------------
+
+
+def table(path: str) -> str:
+    data = json.load(open(path))
+    rows: dict = {}
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        key = (info["kind"], info["shape"], info["threads"], info["sparsity"])
+        rows.setdefault(key, {})[info["method"]] = b["stats"]
+    cpu = data["machine_info"].get("cpu", {})
+    out = [f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; "
+           f"torch {torch.__version__}.  Times are the minimum over the rounds (ms); ratios use the minima.", ""]
+    for kind, base, extra in (("gemm", "dense_mm", "torch_csr"), ("conv", "dense_conv2d", None)):
+        ours = "s2h_spmm" if kind == "gemm" else "s2h_conv"
+        head = f"| {kind} | threads | sparsity | {base} | " + (f"{extra} | " if extra else "") + \
+            f"{ours} | vs dense | " + ("vs torch CSR |" if extra else "")
+        out += [head, "|" + "---|" * (head.count("|") - 1)]
+        for (k, shape, t, s), r in sorted(rows.items()):
+            if k != kind or ours not in r or base not in r:
+                continue
+            d, o = r[base]["min"], r[ours]["min"]
+            line = f"| {shape} | {t} | {int(round(s * 100))}% | {d * 1e3:.3f} | "
+            if extra:
+                c = r[extra]["min"] if extra in r else float("nan")
+                line += f"{c * 1e3:.3f} | {o * 1e3:.3f} | {d / o:.2f}x | {c / o:.2f}x |"
+            else:
+                line += f"{o * 1e3:.3f} | {d / o:.2f}x |"
+            out.append(line)
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1]))
