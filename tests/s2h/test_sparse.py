@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from s2h.sparse import AutoSparse, SparseConv2d, SparseLinear, clear_calibration_cache, sparsify
+from s2h.sparse import AutoSparse, FastMaxPool2d, SparseConv2d, SparseLinear, clear_calibration_cache, sparsify
 
 
 def prune_(module: nn.Module, sparsity: float) -> None:
@@ -160,3 +160,72 @@ def test_sparsify_respects_min_sparsity_and_exclude():
     assert isinstance(sparse[2], nn.Linear)
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify(model, min_sparsity=1.5)
+
+
+@pytest.mark.parametrize("cfg", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2),
+                                 dict(kernel_size=3, stride=2, ceil_mode=True), dict(kernel_size=(3, 2), stride=(1, 2))])
+def test_fast_maxpool_matches(cfg):
+    pool = nn.MaxPool2d(**cfg)
+    fast = FastMaxPool2d.from_module(pool)
+    x = torch.randn(2, 5, 13, 11)
+    with torch.no_grad():
+        assert torch.equal(fast(x), pool(x))
+    assert torch.equal(fast(x.double()), pool(x.double()))   # fallback path
+
+
+class ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn(self.conv(x))))
+        return torch.relu(self.fc(x.flatten(1)))
+
+
+def test_fuse_folds_batchnorm_and_relu():
+    torch.manual_seed(0)
+    model = ConvBnRelu().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+    prune_(model, 0.8)
+    sparse = sparsify(model, calibrate=False)
+    assert isinstance(sparse, torch.fx.GraphModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
+    assert isinstance(sparse.conv, SparseConv2d) and sparse.conv.relu and sparse.conv.bias is not None
+    assert isinstance(sparse.fc, SparseLinear) and sparse.fc.relu
+    assert isinstance(sparse.pool, FastMaxPool2d)
+    x = torch.randn(3, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:   # data-dependent control flow: torch.fx cannot trace this
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def test_fuse_falls_back_for_untraceable_and_training_models():
+    model = Untraceable().eval()
+    prune_(model, 0.9)
+    sparse = sparsify(model, calibrate=False)
+    assert isinstance(sparse.conv, SparseConv2d) and isinstance(sparse.bn, nn.BatchNorm2d)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+    train = ConvBnRelu().train()
+    prune_(train, 0.9)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in sparsify(train, calibrate=False).modules())
