@@ -194,11 +194,12 @@ def test_pair_linear_eager_two_calls(benchmark, linear_layer, device):
     xs, xh = torch.randn(256, 1024, device=device), torch.randn(256, kin, device=device)
     benchmark.group = f"paired forward, S2HLinear 1024x1024 (hard {model.keep_counts()['fc2']}x{kin}), batch 256, {device}"
 
-    def two_calls():
+    def two_calls():  # the layer's soft branch, then its hard branch
         with torch.no_grad():
-            w = layer.weight
-            ys = F.linear(xs, w, layer.bias)
-            yh = F.linear(xh, w[: model.keep_counts()["fc2"], :kin], layer.bias[: model.keep_counts()["fc2"]])
+            with s2h.branch("soft"):
+                ys = layer(xs)
+            with s2h.branch("hard"):
+                yh = layer(xh)
         return ys, yh
 
     ys, yh = benchmark(two_calls)
