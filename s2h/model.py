@@ -23,6 +23,7 @@ from torch import nn
 from s2h_kernels import channel_masks
 
 from . import flops as _flops
+from . import transformers as _transformers
 from .groups import GroupInfo, find_groups, reorder_channels, trace_errors
 from .layers import (
     BRANCHES,
@@ -42,8 +43,6 @@ from .layers import (
 __all__ = ["S2HModel", "convert"]
 
 HARD_WIDTHS = ("threshold", "expected")
-
-
 
 
 class S2HModel(nn.Module):
@@ -93,7 +92,7 @@ class S2HModel(nn.Module):
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Every other trainable parameter (the network's weights)."""
-        return [p for n, p in self.named_parameters() if p is not self.u and p.requires_grad]
+        return [p for p in self.parameters() if p is not self.u and p.requires_grad]
 
     def _mask_version(self) -> tuple:
         """What the cached masks depend on: u's storage and in-place version, τ, the hard width."""
@@ -236,9 +235,12 @@ class S2HModel(nn.Module):
 # -------------------------------------------------------------------------------------------- paired graph
 
 
+_PAIR_LEAVES = S2H_LAYER_TYPES + _transformers.S2H_ATTENTION_TYPES  # layers with a forward_pair
+
+
 class _PairTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, S2H_LAYER_TYPES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _PAIR_LEAVES) or super().is_leaf_module(m, qualname)
 
 
 def _build_pair_graph(model: nn.Module) -> torch.fx.GraphModule:
@@ -255,7 +257,7 @@ def _build_pair_graph(model: nn.Module) -> torch.fx.GraphModule:
             out_s = torch.fx.map_arg(node.args[0], lambda n: env_s[n])
             out_h = torch.fx.map_arg(node.args[0], lambda n: env_h[n])
             new.output((out_s, out_h))
-        elif node.op == "call_module" and isinstance(model.get_submodule(node.target), S2H_LAYER_TYPES):
+        elif node.op == "call_module" and isinstance(model.get_submodule(node.target), _PAIR_LEAVES):
             if len(node.args) != 1 or node.kwargs:
                 raise RuntimeError(f"S2H layer '{node.target}' is called with more than one input")
             (arg,) = node.args
@@ -378,7 +380,8 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     if not inplace:
         model = copy.deepcopy(model)
     ignored, _ = _resolve_ignored(model, ignored_names or None)
-    groups = find_groups(model, inputs, ignored, divisor)
+    attention = _transformers.prepare(model, ignored, divisor)  # Transformers: S2H attention, head groups
+    groups = attention.merge(model, find_groups(model, inputs, ignored + attention.ignored, divisor))
     if reorder:
         reorder_channels(model, groups)
 
@@ -417,6 +420,7 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
         if out_spec is not None and len(out_spec.segments) == 1:
             mask_group = groups[out_spec.segments[0].group].name
         layer.bind(state, in_spec, out_spec, d["soft_out"], mask_group)
+    attention.bind(state, groups)
     for m, t in modes.items():
         m.training = t
 
@@ -425,7 +429,7 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     model.eval()
     try:
         with torch.no_grad(), trace_errors(model, "the dense forward"):
-            costs = _flops.record_layer_costs(model, lambda: model(*inputs), batch)
+            costs = attention.record_costs(model, lambda: model(*inputs), batch, groups)  # + attention matmuls
         config = {
             "target_flops": float(target_flops), "temperature": float(temperature), "hard_width": hard_width,
             "divisor": int(divisor), "ignored_layers": ignored_names,

@@ -44,7 +44,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _close(a, b, rel=1e-5, atol=1e-5):
+def assert_close_scaled(a, b, rel=1e-5, atol=1e-5):
     """assert_close with the tolerance scaled to the output's magnitude (random-init nets are large)."""
     scale = max(1.0, float(b.abs().max()))
     torch.testing.assert_close(a, b, rtol=rel, atol=atol * scale)
@@ -69,7 +69,7 @@ def test_reorder_preserves_function(case):
         ref = original(x)
         with s2h.branch("dense"):
             out = model(x)
-    _close(out, ref, rel=1e-4, atol=1e-4)
+    assert_close_scaled(out, ref, rel=1e-4, atol=1e-4)
 
 
 def test_every_layer_but_the_classifier_is_pruned(case):
@@ -93,7 +93,7 @@ def test_hard_branch_matches_torch_pruning(case):
         ref = pruned(x)
         with s2h.branch("hard"):
             out = model(x)
-    _close(out, ref, rel=1e-4, atol=1e-4)
+    assert_close_scaled(out, ref, rel=1e-4, atol=1e-4)
     assert model.hard_flops() == pytest.approx(macs(pruned, x[:1]), rel=1e-2)
 
 
@@ -127,8 +127,8 @@ def test_paired_forward_equals_separate_calls(case):
         with s2h.branch("hard"):
             rh = model(x)
     assert model.pair_mode == "graph"
-    _close(ys, rs)
-    _close(yh, rh)
+    assert_close_scaled(ys, rs)
+    assert_close_scaled(yh, rh)
     assert ys.shape == yh.shape == rs.shape
 
 
