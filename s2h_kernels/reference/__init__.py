@@ -3,7 +3,8 @@
 Tests and benchmarks compare every backend against these.
 """
 from .channel_masks import channel_masks
+from .dual_linear import dual_linear
 from .kl_gap import ca_kld, kl_gap, kl_gap_d1_d2, kl_gap_with_grads
 from .spmm import spmm, spmm_conv2d
 
-__all__ = ["channel_masks"]
+__all__ = ["ca_kld", "channel_masks", "dual_linear", "kl_gap", "kl_gap_d1_d2", "kl_gap_with_grads", "spmm", "spmm_conv2d"]
