@@ -126,6 +126,8 @@ def export(model, widths=None) -> nn.Module:
     for _, mod in net.named_modules():
         if isinstance(mod, S2H_LAYER_TYPES) and mod not in replaced:
             replaced[mod] = _plain(mod, keep)
+        elif hasattr(mod, "s2h_export") and mod not in replaced:  # S2H attention (s2h/transformers.py)
+            replaced[mod] = mod.s2h_export(keep)
     swap_modules(net, replaced)
     net.s2h_widths = {g.name: k for g, k in zip(model.groups, keep)}
     net.s2h_config = copy.deepcopy(model.config)
