@@ -143,8 +143,12 @@ def main() -> None:
         f"Reproduce: `python benchmarks/oneshot_digits.py --seeds {args.seeds}`.",
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a hand-written "## Findings" section of an earlier table is kept
+    old = out.read_text() if out.is_file() else ""
+    keep = old[old.find("\n## Findings"):] if "\n## Findings" in old else ""
+    out.write_text("\n".join(lines) + keep)
     print("\n".join(lines))
 
 
