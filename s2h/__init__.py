@@ -10,7 +10,7 @@ from .layers import (
 )
 from .model import S2HModel, convert
 from .export import export, load, save
-from . import models
+from . import data, models, oneshot, plots, sparse
 
 __all__ = [
     "S2HBatchNorm1d",
@@ -24,6 +24,10 @@ __all__ = [
     "current_branch",
     "export",
     "load",
+    "data",
     "models",
+    "oneshot",
+    "plots",
+    "sparse",
     "save",
 ]
