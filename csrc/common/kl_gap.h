@@ -103,11 +103,19 @@ S2H_KL_HD void push(A& m, A& z, A x, A& old, A& e) {
 }
 
 // Merges stream (m2, z2) into (m, z); returns the scale factors of both sides' other sums.
+// The factor that brings the sums of a stream kept at maximum m to a common maximum mm >= m
+// (0 for an empty stream, whose m is -inf). merge() applies it to two streams; the CPU kernel
+// applies it to all its lanes at once.
+template <typename A>
+S2H_KL_HD A rescale_factor(A m, A mm) {
+  return m == neg_inf<A>() ? A(0) : kexp(m - mm);
+}
+
 template <typename A>
 S2H_KL_HD void merge(A& m, A& z, A m2, A z2, A& s1, A& s2) {
   const A mm = m2 > m ? m2 : m;
-  s1 = m == neg_inf<A>() ? A(0) : kexp(m - mm);
-  s2 = m2 == neg_inf<A>() ? A(0) : kexp(m2 - mm);
+  s1 = rescale_factor(m, mm);
+  s2 = rescale_factor(m2, mm);
   z = z * s1 + z2 * s2;  // NaN * 0 stays NaN
   m = mm;
 }
@@ -187,12 +195,18 @@ S2H_KL_HD GapRow<A> gap_finalize(A ms, A zs, A w, A mh, A zh) {
 
 // Gradients of d at one element, times gscale (= grad_scale / T):
 //   dd/dh = (q - p) / T,   dd/ds = p (log p - log q - d) / T.
+// The same, with the row constants as plain scalars (for loops the compiler vectorises).
 template <typename A>
-S2H_KL_HD void gap_grads(const GapRow<A>& r, A a, A b, A gscale, A& gs, A& gh) {
-  const A ls = log_softmax(r.ls, a), lh = log_softmax(r.lh, b);
+S2H_KL_HD void gap_grads(A ms, A lzs, A mh, A lzh, A d, A a, A b, A gscale, A& gs, A& gh) {
+  const A ls = (a - ms) - lzs, lh = (b - mh) - lzh;
   const A p = kexp(ls), q = kexp(lh);
   gh = (q - p) * gscale;
-  gs = pmul(p, ls - lh - r.d) * gscale;
+  gs = pmul(p, ls - lh - d) * gscale;
+}
+
+template <typename A>
+S2H_KL_HD void gap_grads(const GapRow<A>& r, A a, A b, A gscale, A& gs, A& gh) {
+  gap_grads(r.ls.m, r.ls.lz, r.lh.m, r.lh.lz, r.d, a, b, gscale, gs, gh);
 }
 
 // ---- CA-KLD ---------------------------------------------------------------------------------
@@ -239,6 +253,14 @@ S2H_KL_HD void welford_merge(A& n, A& mean, A& m2, A n2, A mean2, A m22) {
   mean = mean + delta * (n2 / nn);
   m2 = m2 + m22 + delta * delta * (n * n2 / nn);
   n = nn;
+}
+
+// Many Welford states at once (the CPU kernel's lanes): with N = sum n_l and
+// mean = sum n_l mean_l / N, M2 = sum_l [M2_l + n_l (mean_l - mean)^2]. This is its per-lane term.
+template <typename A>
+S2H_KL_HD A welford_m2_term(A n, A mean, A m2, A total_mean) {
+  const A d = mean - total_mean;
+  return n == A(0) ? A(0) : m2 + n * d * d;
 }
 
 // Affine map z -> (z - shift) * alpha of one row, and the n and sigma its chain rule needs.

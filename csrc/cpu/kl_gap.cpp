@@ -33,40 +33,115 @@ namespace k = s2h::kl;
 constexpr int kL = 16;  // lanes of online state per row
 
 // ---- row kernels ----------------------------------------------------------------------------
+// A row is swept in blocks of kL elements, lane l taking element l of every block; the last,
+// partial block is copied into a buffer padded with -inf, which changes no online state (it has
+// zero probability) and which Welford skips, so it runs through the same vector body. Then all
+// lanes merge at once: the row maximum, each lane's sums rescaled to it, and summed.
+
+template <typename T>
+KL_INLINE void pad_tail(const T* __restrict x, int64_t n, T* __restrict out) {
+  for (int l = 0; l < kL; ++l) out[l] = l < n ? x[l] : static_cast<T>(-INFINITY);
+}
+
+template <typename A>
+KL_INLINE A lanes_max(const A* m) {
+  A mm = k::neg_inf<A>();
+#pragma omp simd reduction(max : mm)
+  for (int l = 0; l < kL; ++l) mm = m[l] > mm ? m[l] : mm;
+  return mm;
+}
 
 template <typename T, typename A>
 KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, A inv_t, A gscale,
                        T* __restrict gs, T* __restrict gh, A* loss) {
   A ms[kL], zs[kL], w[kL], mh[kL], zh[kL];
   for (int l = 0; l < kL; ++l) k::gap_init(ms[l], zs[l], w[l], mh[l], zh[l]);
-  int64_t j = 0;
-  for (; j + kL <= C; j += kL) {
+  const int64_t full = C - C % kL;
+  for (int64_t j = 0; j < full; j += kL) {
 #pragma omp simd
-    for (int l = 0; l < kL; ++l) {
-      const A a = static_cast<A>(s[j + l]) * inv_t;
-      const A b = static_cast<A>(h[j + l]) * inv_t;
-      k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], a, b);
-    }
+    for (int l = 0; l < kL; ++l)
+      k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], static_cast<A>(s[j + l]) * inv_t,
+                  static_cast<A>(h[j + l]) * inv_t);
   }
-  for (int l = 0; j + l < C; ++l) {
-    const A a = static_cast<A>(s[j + l]) * inv_t;
-    const A b = static_cast<A>(h[j + l]) * inv_t;
-    k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], a, b);
+  T sp[kL], hp[kL];
+  if (full < C) {
+    pad_tail(s + full, C - full, sp);
+    pad_tail(h + full, C - full, hp);
+#pragma omp simd
+    for (int l = 0; l < kL; ++l)
+      k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], static_cast<A>(sp[l]) * inv_t, static_cast<A>(hp[l]) * inv_t);
   }
-  for (int step = kL / 2; step > 0; step /= 2)
-    for (int l = 0; l < step; ++l)
-      k::gap_merge(ms[l], zs[l], w[l], mh[l], zh[l], ms[l + step], zs[l + step], w[l + step],
-                   mh[l + step], zh[l + step]);
-  const k::GapRow<A> r = k::gap_finalize(ms[0], zs[0], w[0], mh[0], zh[0]);
+  const A Ms = lanes_max(ms), Mh = lanes_max(mh);
+  A Zs = 0, W = 0, Zh = 0;
+#pragma omp simd reduction(+ : Zs, W, Zh)
+  for (int l = 0; l < kL; ++l) {
+    const A fs = k::rescale_factor(ms[l], Ms), fh = k::rescale_factor(mh[l], Mh);
+    Zs += zs[l] * fs;
+    W += k::pmul(fs, w[l]);
+    Zh += zh[l] * fh;
+  }
+  const k::GapRow<A> r = k::gap_finalize(Ms, Zs, W, Mh, Zh);
   *loss = r.d;
 #pragma omp simd
-  for (int64_t i = 0; i < C; ++i) {
-    const A a = static_cast<A>(s[i]) * inv_t;
-    const A b = static_cast<A>(h[i]) * inv_t;
+  for (int64_t i = 0; i < full; ++i) {
     A g1, g2;
-    k::gap_grads(r, a, b, gscale, g1, g2);
+    k::gap_grads(r, static_cast<A>(s[i]) * inv_t, static_cast<A>(h[i]) * inv_t, gscale, g1, g2);
     gs[i] = static_cast<T>(g1);
     gh[i] = static_cast<T>(g2);
+  }
+  if (full < C) {
+    T g1p[kL], g2p[kL];
+#pragma omp simd
+    for (int l = 0; l < kL; ++l) {
+      A g1, g2;
+      k::gap_grads(r, static_cast<A>(sp[l]) * inv_t, static_cast<A>(hp[l]) * inv_t, gscale, g1, g2);
+      g1p[l] = static_cast<T>(g1);
+      g2p[l] = static_cast<T>(g2);
+    }
+    for (int64_t l = 0; l < C - full; ++l) {
+      gs[full + l] = g1p[l];
+      gh[full + l] = g2p[l];
+    }
+  }
+}
+
+// Short rows (C <= kSmallC): kL rows at once, lane l owning row l from start to end (strided
+// loads), so no lanes merge and nothing is padded; the same push/finalize/grads math.
+constexpr int64_t kSmallC = 32;
+
+template <typename T, typename A>
+KL_INLINE void gap_rows16(const T* __restrict s, const T* __restrict h, int64_t C, A inv_t, A gscale,
+                          T* __restrict gs, T* __restrict gh, A* __restrict loss) {
+  A ms[kL], zs[kL], w[kL], mh[kL], zh[kL];
+  for (int l = 0; l < kL; ++l) k::gap_init(ms[l], zs[l], w[l], mh[l], zh[l]);
+  for (int64_t j = 0; j < C; ++j) {
+#pragma omp simd
+    for (int l = 0; l < kL; ++l)
+      k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], static_cast<A>(s[l * C + j]) * inv_t,
+                  static_cast<A>(h[l * C + j]) * inv_t);
+  }
+  A lzs[kL], lzh[kL], d[kL];
+  for (int l = 0; l < kL; ++l) {
+    const k::GapRow<A> r = k::gap_finalize(ms[l], zs[l], w[l], mh[l], zh[l]);
+    lzs[l] = r.ls.lz;
+    lzh[l] = r.lh.lz;
+    d[l] = r.d;
+    loss[l] = r.d;
+  }
+  for (int64_t j = 0; j < C; ++j) {
+    T g1[kL], g2[kL];
+#pragma omp simd
+    for (int l = 0; l < kL; ++l) {
+      A x1, x2;
+      k::gap_grads(ms[l], lzs[l], mh[l], lzh[l], d[l], static_cast<A>(s[l * C + j]) * inv_t,
+                   static_cast<A>(h[l * C + j]) * inv_t, gscale, x1, x2);
+      g1[l] = static_cast<T>(x1);
+      g2[l] = static_cast<T>(x2);
+    }
+    for (int l = 0; l < kL; ++l) {
+      gs[l * C + j] = g1[l];
+      gh[l * C + j] = g2[l];
+    }
   }
 }
 
@@ -75,16 +150,28 @@ template <typename T, typename A>
 KL_INLINE k::Affine<A> standardize_row(const T* __restrict z, int64_t C, A inv_t, A eps) {
   A n[kL], mean[kL], m2[kL];
   for (int l = 0; l < kL; ++l) n[l] = mean[l] = m2[l] = A(0);
-  int64_t j = 0;
-  for (; j + kL <= C; j += kL) {
+  const int64_t full = C - C % kL;
+  for (int64_t j = 0; j < full; j += kL) {
 #pragma omp simd
     for (int l = 0; l < kL; ++l) k::welford_push(n[l], mean[l], m2[l], static_cast<A>(z[j + l]));
   }
-  for (int l = 0; j + l < C; ++l) k::welford_push(n[l], mean[l], m2[l], static_cast<A>(z[j + l]));
-  for (int step = kL / 2; step > 0; step /= 2)
-    for (int l = 0; l < step; ++l)
-      k::welford_merge(n[l], mean[l], m2[l], n[l + step], mean[l + step], m2[l + step]);
-  return k::standardize_affine(n[0], mean[0], m2[0], inv_t, eps);
+  if (full < C) {
+    T zp[kL];
+    pad_tail(z + full, C - full, zp);
+#pragma omp simd
+    for (int l = 0; l < kL; ++l) k::welford_push(n[l], mean[l], m2[l], static_cast<A>(zp[l]));
+  }
+  A N = 0, S = 0;
+#pragma omp simd reduction(+ : N, S)
+  for (int l = 0; l < kL; ++l) {
+    N += n[l];
+    S += n[l] == A(0) ? A(0) : n[l] * mean[l];
+  }
+  const A Mean = N > A(0) ? S / N : A(0);
+  A M2 = 0;
+#pragma omp simd reduction(+ : M2)
+  for (int l = 0; l < kL; ++l) M2 += k::welford_m2_term(n[l], mean[l], m2[l], Mean);
+  return k::standardize_affine(N, Mean, M2, inv_t, eps);
 }
 
 template <typename T, typename A, bool kStd>
@@ -94,8 +181,8 @@ KL_INLINE void cak_row(const T* __restrict zs_in, const T* __restrict zt_in, int
   const k::Affine<A> ft = kStd ? standardize_row<T, A>(zt_in, C, inv_t, eps) : k::plain_affine(inv_t);
   A ms[kL], zs[kL], ws[kL], sas[kL], sab[kL], mt[kL], zt[kL], wt[kL], sat[kL];
   for (int l = 0; l < kL; ++l) k::cak_init(ms[l], zs[l], ws[l], sas[l], sab[l], mt[l], zt[l], wt[l], sat[l]);
-  int64_t j = 0;
-  for (; j + kL <= C; j += kL) {
+  const int64_t full = C - C % kL;
+  for (int64_t j = 0; j < full; j += kL) {
 #pragma omp simd
     for (int l = 0; l < kL; ++l) {
       const A a = k::affine_apply(fs, static_cast<A>(zs_in[j + l]));
@@ -103,25 +190,47 @@ KL_INLINE void cak_row(const T* __restrict zs_in, const T* __restrict zt_in, int
       k::cak_push<A, kStd>(ms[l], zs[l], ws[l], sas[l], sab[l], mt[l], zt[l], wt[l], sat[l], a, b);
     }
   }
-  for (int l = 0; j + l < C; ++l) {
-    const A a = k::affine_apply(fs, static_cast<A>(zs_in[j + l]));
-    const A b = k::affine_apply(ft, static_cast<A>(zt_in[j + l]));
-    k::cak_push<A, kStd>(ms[l], zs[l], ws[l], sas[l], sab[l], mt[l], zt[l], wt[l], sat[l], a, b);
-  }
-  for (int step = kL / 2; step > 0; step /= 2)
-    for (int l = 0; l < step; ++l) {
-      const int o = l + step;
-      k::cak_merge(ms[l], zs[l], ws[l], sas[l], sab[l], mt[l], zt[l], wt[l], sat[l], ms[o], zs[o], ws[o],
-                   sas[o], sab[o], mt[o], zt[o], wt[o], sat[o]);
+  T sp[kL], tp[kL];
+  if (full < C) {
+    pad_tail(zs_in + full, C - full, sp);
+    pad_tail(zt_in + full, C - full, tp);
+#pragma omp simd
+    for (int l = 0; l < kL; ++l) {
+      const A a = k::affine_apply(fs, static_cast<A>(sp[l]));
+      const A b = k::affine_apply(ft, static_cast<A>(tp[l]));
+      k::cak_push<A, kStd>(ms[l], zs[l], ws[l], sas[l], sab[l], mt[l], zt[l], wt[l], sat[l], a, b);
     }
-  const k::CakRow<A> r = k::cak_finalize(ms[0], zs[0], ws[0], sas[0], sab[0], mt[0], zt[0], wt[0], sat[0],
-                                         gamma, fs, inv_t, kStd);
+  }
+  const A Ms = lanes_max(ms), Mt = lanes_max(mt);
+  A Zs = 0, Ws = 0, Sas = 0, Sab = 0, Zt = 0, Wt = 0, Sat = 0;
+#pragma omp simd reduction(+ : Zs, Ws, Sas, Sab, Zt, Wt, Sat)
+  for (int l = 0; l < kL; ++l) {
+    const A f1 = k::rescale_factor(ms[l], Ms), f2 = k::rescale_factor(mt[l], Mt);
+    Zs += zs[l] * f1;
+    Ws += k::pmul(f1, ws[l]);
+    Sas += k::pmul(f1, sas[l]);
+    Sab += k::pmul(f1, sab[l]);
+    Zt += zt[l] * f2;
+    Wt += k::pmul(f2, wt[l]);
+    Sat += k::pmul(f2, sat[l]);
+  }
+  const k::CakRow<A> r = k::cak_finalize(Ms, Zs, Ws, Sas, Sab, Mt, Zt, Wt, Sat, gamma, fs, inv_t, kStd);
   *loss = r.loss;
 #pragma omp simd
-  for (int64_t i = 0; i < C; ++i) {
+  for (int64_t i = 0; i < full; ++i) {
     const A a = k::affine_apply(fs, static_cast<A>(zs_in[i]));
     const A b = k::affine_apply(ft, static_cast<A>(zt_in[i]));
     g[i] = static_cast<T>(k::cak_grad(r, a, b, grad_scale));
+  }
+  if (full < C) {
+    T gp[kL];
+#pragma omp simd
+    for (int l = 0; l < kL; ++l) {
+      const A a = k::affine_apply(fs, static_cast<A>(sp[l]));
+      const A b = k::affine_apply(ft, static_cast<A>(tp[l]));
+      gp[l] = static_cast<T>(k::cak_grad(r, a, b, grad_scale));
+    }
+    for (int64_t l = 0; l < C - full; ++l) g[full + l] = gp[l];
   }
 }
 
@@ -133,24 +242,28 @@ KL_INLINE A top1_row(const T* __restrict z, int64_t C) {
     m[l] = k::neg_inf<A>();
     zz[l] = A(0);
   }
-  int64_t j = 0;
-  for (; j + kL <= C; j += kL) {
+  const int64_t full = C - C % kL;
+  for (int64_t j = 0; j < full; j += kL) {
 #pragma omp simd
     for (int l = 0; l < kL; ++l) {
       A old, e;
       k::push(m[l], zz[l], static_cast<A>(z[j + l]), old, e);
     }
   }
-  for (int l = 0; j + l < C; ++l) {
-    A old, e;
-    k::push(m[l], zz[l], static_cast<A>(z[j + l]), old, e);
-  }
-  for (int step = kL / 2; step > 0; step /= 2)
-    for (int l = 0; l < step; ++l) {
-      A s1, s2;
-      k::merge(m[l], zz[l], m[l + step], zz[l + step], s1, s2);
+  if (full < C) {
+    T zp[kL];
+    pad_tail(z + full, C - full, zp);
+#pragma omp simd
+    for (int l = 0; l < kL; ++l) {
+      A old, e;
+      k::push(m[l], zz[l], static_cast<A>(zp[l]), old, e);
     }
-  return A(1) / zz[0];
+  }
+  const A M = lanes_max(m);
+  A Z = 0;
+#pragma omp simd reduction(+ : Z)
+  for (int l = 0; l < kL; ++l) Z += zz[l] * k::rescale_factor(m[l], M);
+  return A(1) / Z;
 }
 
 // ---- row ranges, one instantiation per ISA -------------------------------------------------------
@@ -199,8 +312,16 @@ struct CakArgs {
     return top1_row<T, A>(z, C);                                                                    \
   }                                                                                                 \
   template <typename T, typename A>                                                                 \
+  ATTR __attribute__((noinline)) void gap_rows16_##SUFFIX(const GapArgs<T, A>& p, int64_t r) {      \
+    gap_rows16<T, A>(p.s + r * p.C, p.h + r * p.C, p.C, p.inv_t, p.gscale, p.gs + r * p.C,          \
+                     p.gh + r * p.C, p.loss + r);                                                   \
+  }                                                                                                 \
+  template <typename T, typename A>                                                                 \
   void gap_rows_##SUFFIX(const GapArgs<T, A>& p, int64_t r0, int64_t r1) {                          \
-    for (int64_t r = r0; r < r1; ++r) gap_row_##SUFFIX<T, A>(p, r);                                 \
+    int64_t r = r0;                                                                                 \
+    if (p.C <= kSmallC)                                                                             \
+      for (; r + kL <= r1; r += kL) gap_rows16_##SUFFIX<T, A>(p, r);                                \
+    for (; r < r1; ++r) gap_row_##SUFFIX<T, A>(p, r);                                               \
   }                                                                                                 \
   template <typename T, typename A>                                                                 \
   void cak_rows_##SUFFIX(const CakArgs<T, A>& p, int64_t r0, int64_t r1) {                          \

@@ -66,7 +66,8 @@ def run_cak(fn, zs, zt, T, gamma, standardize, reduction="batchmean", **kw):
 # ---- kl_gap ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (5, 37), (3, 300)])
+# (37, 9): the CPU kernel's short-row path (16 rows per vector, then single rows).
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (37, 9), (5, 37), (3, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_kl_gap_matches_reference(backend, device_for, shape, dtype, temperature):
@@ -280,6 +281,33 @@ def test_nan_propagates(backend, device_for, where):
     torch.testing.assert_close(loss[keep], rl, **tol(torch.float32))
     torch.testing.assert_close(gs[keep], rgs, **tol(torch.float32))
     assert torch.isnan(s2h_kernels.kl_gap(s, h, 1.0, backend=backend))
+
+
+def test_cpu_short_rows_special_values():
+    """16-rows-at-once path: -inf, NaN, one class and extreme rows among ordinary ones."""
+    s, h = logits((35, 6), seed=52), logits((35, 6), seed=53)
+    s[3, :2] = NINF
+    h[3, :2] = NINF
+    s[5, 1] = float("nan")
+    h[20, 4] = float("nan")
+    s[7] = 4.0
+    s[9, 0], h[9, 0] = 1e4, -1e4
+    loss, gs, gh = s2h_kernels.kl_gap_with_grads(s, h, 1.5, "none")
+    nan_rows = torch.zeros(35, dtype=torch.bool)
+    nan_rows[[5, 20]] = True
+    assert torch.isnan(loss[nan_rows]).all() and torch.isnan(gs[nan_rows]).all() and torch.isnan(gh[nan_rows]).all()
+    rl, rgs, rgh = reference.kl_gap_with_grads(s[~nan_rows].double(), h[~nan_rows].double(), 1.5, "none")
+    torch.testing.assert_close(loss[~nan_rows].double(), rl, rtol=1e-5, atol=1e-3)
+    # Row 9 has logits of ±1e4: its fp32 gradients carry absolute errors of ~1e-3 (like eager fp32).
+    torch.testing.assert_close(gs[~nan_rows].double(), rgs, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gh[~nan_rows].double(), rgh, rtol=1e-5, atol=1e-3)
+    ok = ~nan_rows
+    ok[9] = False
+    rest = torch.arange(33) != 8  # row 9 is at index 8 among the rows without NaN
+    torch.testing.assert_close(gs[ok].double(), rgs[rest], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh[ok].double(), rgh[rest], rtol=1e-5, atol=1e-6)
+    one = s2h_kernels.kl_gap_with_grads(s[:, :1], h[:, :1], 2.0, "none")
+    assert (one[0] == 0)[~nan_rows].all()
 
 
 def test_triton_multi_chunk(monkeypatch):
