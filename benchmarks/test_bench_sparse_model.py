@@ -17,9 +17,13 @@ Variants, so that the table says where the time goes:
 """
 import functools
 import json
+import os
 import sys
 
-import pytest
+if __name__ == "__main__":  # table mode: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
 import torch
 import torchvision
 from torch import nn

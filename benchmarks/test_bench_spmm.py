@@ -10,10 +10,14 @@ sparse conv against F.conv2d.  Every benchmark also checks its result against th
 """
 import functools
 import json
+import os
 import sys
 import time
 
-import pytest
+if __name__ == "__main__":  # table mode: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
 import torch
 import torch.nn.functional as F
 

@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -465,16 +466,18 @@ Scratch<T>& scratch() {
   return s;
 }
 
-// Rows [r0, r1) x tiles [t0, t1) of the (batch x column-tile) grid.
-template <typename T>
+// Rows [r0, r1) x the tiles of the (batch x column-tile) grid that next_tiles(t0, t1) hands out
+// (ranges, until it returns false).
+template <typename T, typename NextTiles>
 void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t panel_cols, int64_t r0, int64_t r1,
-              int64_t t0, int64_t t1) {
-  if (r0 >= r1 || t0 >= t1) return;
+              NextTiles&& next_tiles) {
+  if (r0 >= r1) return;
   const int64_t nnz0 = p.row_ptr[r0], nnz1 = p.row_ptr[r1];
   const int64_t ntiles = (p.n + tc - 1) / tc;
 
   if (p.n == 1 && p.batch == 1 && p.tab == nullptr && p.ldx == 1) {  // Linear at batch 1
-    k.dot(p.vals, p.row_ptr, p.col, r0, r1, p.x, p.y, p.ldy, p.bias, p.relu);
+    int64_t t0, t1;
+    while (next_tiles(t0, t1)) k.dot(p.vals, p.row_ptr, p.col, r0, r1, p.x, p.y, p.ldy, p.bias, p.relu);
     return;
   }
 
@@ -521,6 +524,8 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
   a.r1 = r1;
   a.bias = p.bias;
   a.relu = p.relu;
+  int64_t t0, t1;
+  while (next_tiles(t0, t1))
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / ntiles, q0 = (t - b * ntiles) * tc;
     const int64_t nv = std::min(tc, p.n - q0);
@@ -620,24 +625,47 @@ void run(const Problem<T>& p) {
     const int64_t per_group = p.group_phases * (std::min(tc, p.n) + p.group_span) * (int64_t)sizeof(T);
     const int64_t cols = std::max<int64_t>(1, budget / std::max<int64_t>(per_group, 1)) * p.col_group;
     const double per_row_panel = (double)nnz / p.m * (double)cols / std::max<int64_t>(p.k, 1);
-    const bool partials_fit = conv || rows_per_thread * tile_bytes <= env_int("S2H_SPMM_PARTIALS", 64 * 1024);
+    // Plain matmul: only when the X rows of a tile do not stay near L1 anyway and the partial
+    // sums of the thread's rows are small (measured: ResNet GEMMs at 70% gain 10-30%, while
+    // tall-and-narrow ones like 2048x512x49 lose 30% with panels).
+    const bool partials_fit = conv || (rows_per_thread * tile_bytes <= env_int("S2H_SPMM_PARTIALS", 128 * 1024) &&
+                                       p.k * tile_bytes > 256 * 1024);
     const int64_t pmin = env_int("S2H_SPMM_PMIN", conv ? 6 : 8);
     if (cols < p.k && partials_fit && per_row_panel >= (double)pmin) panel_cols = cols;
   }
+  // Dynamic scheduling over nnz-balanced chunks (several per thread): a thread that the OS
+  // preempts (a busy machine) delays the call by one chunk, not by half of it.
+  auto once = [](int64_t lo, int64_t hi) {
+    return [lo, hi, done = false](int64_t& t0, int64_t& t1) mutable {
+      if (done || lo >= hi) return false;
+      t0 = lo, t1 = hi, done = true;
+      return true;
+    };
+  };
   if (parts <= 1) {
-    run_part(p, k, tc, panel_cols, 0, p.m, 0, ntiles);
+    run_part(p, k, tc, panel_cols, 0, p.m, once(0, ntiles));
     return;
   }
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      if (by_rows) {
-        run_part(p, k, tc, panel_cols, split_rows(p.row_ptr, p.m, parts, part, 4),
-                 split_rows(p.row_ptr, p.m, parts, part + 1, 4), 0, ntiles);
-      } else {
-        run_part(p, k, tc, panel_cols, 0, p.m, ntiles * part / parts, ntiles * (part + 1) / parts);
-      }
-    }
-  });
+  const int64_t per_thread = std::max<int64_t>(1, env_int("S2H_SPMM_CHUNKS", 4));
+  std::atomic<int64_t> counter{0};
+  if (by_rows) {
+    const int64_t chunks = std::min(p.m, parts * per_thread);
+    at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
+      for (int64_t c; (c = counter.fetch_add(1)) < chunks;)
+        run_part(p, k, tc, panel_cols, split_rows(p.row_ptr, p.m, chunks, c, 4),
+                 split_rows(p.row_ptr, p.m, chunks, c + 1, 4), once(0, ntiles));
+    });
+  } else {
+    const int64_t step = std::max<int64_t>(1, ntiles / (parts * per_thread));
+    at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
+      run_part(p, k, tc, panel_cols, 0, p.m, [&](int64_t& t0, int64_t& t1) {
+        t0 = counter.fetch_add(step);
+        if (t0 >= ntiles) return false;
+        t1 = std::min(ntiles, t0 + step);
+        return true;
+      });
+    });
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -677,8 +705,10 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   const bool ok = x_in.stride(1) == 1 || n == 1;
   at::Tensor x = (ok && (n != 1 || x_in.stride(0) == 1)) ? x_in : x_in.contiguous();
   // Rows of X that do not start on a 64-byte line make every vector load a split load (about
-  // 1.2-1.7x slower when X lives in L2): copy X once into 16-float aligned rows.
-  if (x.scalar_type() == at::kFloat && n >= 16 && env_int("S2H_SPMM_ALIGN", 1) != 0 &&
+  // 1.2-1.7x slower when X lives in L2): copy X once into 16-float aligned rows, when each row of
+  // X is read often enough (nnz / K times) to repay the copy.
+  const int64_t nnz = col_idx.numel(), k = x.size(0);
+  if (x.scalar_type() == at::kFloat && n >= 16 && nnz >= env_int("S2H_SPMM_ALIGN", 8) * k &&
       (x.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0)) {
     at::Tensor buf = at::empty({x.size(0), (n + 15) / 16 * 16}, x.options());
     x = buf.narrow(1, 0, n);
