@@ -335,8 +335,8 @@ def _s2h_module_for(name: str, m: nn.Module) -> nn.Module | None:
     if isinstance(m, nn.MultiheadAttention):
         if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
             raise ValueError(f"s2h.convert: '{name}' is an nn.MultiheadAttention with separate key/value "
-                             "dimensions, bias_k/bias_v or add_zero_attn, which S2H cannot prune; pass it in "
-                             "ignored_layers is not enough either: replace it by a plain self-attention")
+                             "dimensions, bias_k/bias_v or add_zero_attn (cross-attention), which S2H cannot "
+                             "convert; S2H supports self-attention (kdim = vdim = embed_dim)")
         return S2HMultiheadAttention.from_module(m)
     return None
 
