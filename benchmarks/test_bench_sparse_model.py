@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 if __name__ == "__main__":  # table mode: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +61,20 @@ def inputs(batch: int):
         return x, pruned_resnet18()(x)
 
 
+def paired(baseline, model, x, threads, rounds):
+    """Median of time(baseline) / time(model) over back-to-back pairs (thread CPU time at 1 thread)."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    ratios = []
+    for _ in range(rounds):
+        t0 = clock()
+        baseline(x)
+        t1 = clock()
+        model(x)
+        t2 = clock()
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def build(variant: str, x: torch.Tensor, calibrate: bool) -> nn.Module:
     model = pruned_resnet18()
     if variant == "dense_eager":
@@ -89,6 +104,9 @@ def test_resnet18_90(benchmark, batch, threads, variant):
                 model(x)
                 out = benchmark.pedantic(model, args=(x,), rounds=5 if batch == 1 else 3, iterations=1,
                                          warmup_rounds=1)
+                if variant != "dense_eager":   # back-to-back pairs against dense eager (shared machine)
+                    benchmark.extra_info["paired_vs_dense_eager"] = paired(pruned_resnet18(), model, x, threads,
+                                                                           rounds=7 if batch == 1 else 3)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * float(ref.abs().max().clamp_min(1.0)))
     finally:
         torch.set_num_threads(old)
@@ -99,13 +117,21 @@ def table(path: str) -> str:
     rows: dict = {}
     for b in data["benchmarks"]:
         i = b["extra_info"]
-        rows.setdefault((i["batch"], i["threads"]), {})[i["variant"]] = b["stats"]["min"]
-    out = ["| batch | threads | " + " | ".join(f"{v} (ms)" for v in VARIANTS) + " | sparsified vs dense_eager |",
-           "|" + "---|" * (len(VARIANTS) + 3)]
+        rows.setdefault((i["batch"], i["threads"]), {})[i["variant"]] = b
+    cols = ["batch", "threads"] + [f"{v} ms" for v in VARIANTS] + \
+        [f"{v} vs dense_eager (min / paired)" for v in VARIANTS[1:]]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (batch, threads), r in sorted(rows.items()):
-        cells = " | ".join(f"{r[v] * 1e3:.1f}" if v in r else "-" for v in VARIANTS)
-        ratio = r["dense_eager"] / r["sparsified"] if "sparsified" in r and "dense_eager" in r else float("nan")
-        out.append(f"| {batch} | {threads} | {cells} | {ratio:.2f}x |")
+        cells = [str(batch), str(threads)]
+        cells += [f"{r[v]['stats']['min'] * 1e3:.1f}" if v in r else "-" for v in VARIANTS]
+        d = r["dense_eager"]["stats"]["min"] if "dense_eager" in r else float("nan")
+        for v in VARIANTS[1:]:
+            if v in r:
+                cells.append(f"{d / r[v]['stats']['min']:.2f}x / "
+                             f"{r[v]['extra_info'].get('paired_vs_dense_eager', float('nan')):.2f}x")
+            else:
+                cells.append("-")
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

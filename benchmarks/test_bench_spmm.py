@@ -86,6 +86,26 @@ def run(benchmark, fn):
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
+def paired(baseline, fn, threads, rounds=12):
+    """Median over rounds of time(baseline) / time(fn), the two called back to back.
+
+    The machine this runs on is shared; pairing the calls cancels slow changes in load, and at
+    one thread the per-thread CPU clock leaves out time the thread was descheduled.
+    """
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    baseline(), fn()
+    ratios = []
+    for _ in range(rounds):
+        t0 = clock()
+        baseline()
+        t1 = clock()
+        fn()
+        t2 = clock()
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+    ratios.sort()
+    return ratios[len(ratios) // 2]
+
+
 def check(out, ref):
     ref = ref.to(out.dtype)
     scale = ref.abs().max().clamp_min(1.0)
@@ -111,6 +131,9 @@ def test_gemm(benchmark, threads, name, sparsity, method):
     }[method]
     with torch.no_grad():
         out = run(benchmark, fn)
+        if method == "s2h_spmm" and not benchmark.disabled:
+            benchmark.extra_info["paired_vs_dense"] = paired(lambda: torch.mm(w, x), fn, threads)
+            benchmark.extra_info["paired_vs_csr"] = paired(lambda: torch.sparse.mm(csr, x), fn, threads)
     check(out, ref)
 
 
@@ -128,6 +151,8 @@ def test_conv(benchmark, threads, name, sparsity, method):
     }[method]
     with torch.no_grad():
         out = run(benchmark, fn)
+        if method == "s2h_conv" and not benchmark.disabled:
+            benchmark.extra_info["paired_vs_dense"] = paired(lambda: F.conv2d(x, w, None, s, k // 2), fn, threads)
     check(out, ref)
 
 
@@ -142,26 +167,29 @@ def table(path: str) -> str:
     for b in data["benchmarks"]:
         info = b["extra_info"]
         key = (info["kind"], info["shape"], info["threads"], info["sparsity"])
-        rows.setdefault(key, {})[info["method"]] = b["stats"]
+        rows.setdefault(key, {})[info["method"]] = b
     cpu = data["machine_info"].get("cpu", {})
-    out = [f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; "
-           f"torch {torch.__version__}.  Times are the minimum over the rounds (ms); ratios use the minima.", ""]
+    out = [f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; torch {torch.__version__}.",
+           "Times: minimum over the rounds (ms).  'min' ratios divide those minima; 'paired' ratios are the",
+           "median of back-to-back (baseline, s2h) pairs (per-thread CPU time at 1 thread).", ""]
     for kind, base, extra in (("gemm", "dense_mm", "torch_csr"), ("conv", "dense_conv2d", None)):
         ours = "s2h_spmm" if kind == "gemm" else "s2h_conv"
-        head = f"| {kind} | threads | sparsity | {base} | " + (f"{extra} | " if extra else "") + \
-            f"{ours} | vs dense | " + ("vs torch CSR |" if extra else "")
-        out += [head, "|" + "---|" * (head.count("|") - 1)]
-        for (k, shape, t, s), r in sorted(rows.items()):
+        cols = ["shape", "threads", "sparsity", f"{base} ms"] + ([f"{extra} ms"] if extra else []) + \
+            [f"{ours} ms", "vs dense (min)", "vs dense (paired)"] + (["vs CSR (min)", "vs CSR (paired)"] if extra else [])
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for (k, shape, t, sp), r in sorted(rows.items()):
             if k != kind or ours not in r or base not in r:
                 continue
-            d, o = r[base]["min"], r[ours]["min"]
-            line = f"| {shape} | {t} | {int(round(s * 100))}% | {d * 1e3:.3f} | "
+            d, o = r[base]["stats"]["min"], r[ours]["stats"]["min"]
+            info = r[ours]["extra_info"]
+            cells = [shape, str(t), f"{int(round(sp * 100))}%", f"{d * 1e3:.3f}"]
             if extra:
-                c = r[extra]["min"] if extra in r else float("nan")
-                line += f"{c * 1e3:.3f} | {o * 1e3:.3f} | {d / o:.2f}x | {c / o:.2f}x |"
-            else:
-                line += f"{o * 1e3:.3f} | {d / o:.2f}x |"
-            out.append(line)
+                c = r[extra]["stats"]["min"] if extra in r else float("nan")
+                cells.append(f"{c * 1e3:.3f}")
+            cells += [f"{o * 1e3:.3f}", f"{d / o:.2f}x", f"{info.get('paired_vs_dense', float('nan')):.2f}x"]
+            if extra:
+                cells += [f"{c / o:.2f}x", f"{info.get('paired_vs_csr', float('nan')):.2f}x"]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 

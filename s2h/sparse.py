@@ -192,13 +192,17 @@ class SparseConv2d(_SparseBase):
                 f"bias={self.bias is not None}, sparsity={self.sparsity:.1%}" + (", relu=True" if self.relu else ""))
 
 
+_MKLDNN = torch.backends.mkldnn.is_available()
+
+
 class FastMaxPool2d(nn.Module):
     """``nn.MaxPool2d`` computed by oneDNN on the CPU (same result).
 
     torch's NCHW CPU max-pool kernel is scalar: on a 2-core AVX-512 machine it takes 8 ms for
     ResNet's 64x112x112 stem pool at batch 1 (oneDNN with its layout conversions: 0.8 ms), which
     alone is a third of a 90%-sparse ResNet-18 forward.  Other devices, dtypes, dilation or
-    inputs that need grad fall back to ``F.max_pool2d``.
+    inputs that need grad fall back to ``F.max_pool2d`` (so does a torch.compile'd graph, where
+    inductor generates its own pooling kernel).
     """
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False):
@@ -216,7 +220,8 @@ class FastMaxPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and self.dilation == (1, 1)
-                and torch.backends.mkldnn.is_available() and not (x.requires_grad and torch.is_grad_enabled())):
+                and _MKLDNN and not torch.compiler.is_compiling()
+                and not (x.requires_grad and torch.is_grad_enabled())):
             return torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), self.kernel_size, self.stride, self.padding,
                                            self.dilation, self.ceil_mode).to_dense()
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)

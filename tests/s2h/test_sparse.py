@@ -229,3 +229,14 @@ def test_fuse_falls_back_for_untraceable_and_training_models():
     train = ConvBnRelu().train()
     prune_(train, 0.9)
     assert any(isinstance(m, nn.BatchNorm2d) for m in sparsify(train, calibrate=False).modules())
+
+
+def test_sparsified_model_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = ConvBnRelu().eval()
+    prune_(model, 0.8)
+    sparse = sparsify(model, calibrate=False)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        compiled = torch.compile(sparse, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), sparse(x))
