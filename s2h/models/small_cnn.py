@@ -84,7 +84,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
 
     Args:
         name: ``small_cnn_teacher``, ``small_cnn_student`` (alias ``small_cnn``), ``resnet56`` or
-            ``wrn28_10`` (:mod:`s2h.models.cifar`), or any name ``torchvision.models.list_models()``
+            ``wrn28_10`` (:mod:`s2h.models.cifar`), ``vit_cifar`` or ``swin_cifar`` (:mod:`s2h.models.vit`),
+            or any name ``torchvision.models.list_models()``
             knows (no pretrained weights are loaded).
         num_classes: outputs of the classifier.
         in_channels: input channels (1 for digits).
@@ -99,11 +100,16 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         from . import cifar
 
         return _adapt_torchvision(getattr(cifar, key)(num_classes=num_classes), in_channels, None)
+    if key in ("vit_cifar", "swin_cifar"):  # Transformers of s2h.models.vit (patch 4, 32x32 input by default)
+        from . import vit
+
+        return getattr(vit, key)(num_classes=num_classes, in_channels=in_channels, image_size=image_size or 32)
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
     if key not in known:
-        raise ValueError(f"build_model: unknown model {name!r}; use one of {sorted(SMALL_CNNS)}, resnet56, wrn28_10 or a "
-                         f"torchvision classification model (e.g. resnet18, resnet50, mobilenet_v2)")
+        raise ValueError(f"build_model: unknown model {name!r}; use one of {sorted(SMALL_CNNS)}, resnet56, wrn28_10, "
+                         "vit_cifar, swin_cifar or a torchvision classification model (e.g. resnet18, resnet50, "
+                         "mobilenet_v2)")
     model = torchvision.models.get_model(key, weights=None, num_classes=num_classes)
     return _adapt_torchvision(model, in_channels, image_size)

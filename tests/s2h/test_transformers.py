@@ -11,7 +11,8 @@ References independent of s2h's slicing, export and FLOPs code:
 * FLOPs: FlopCounterMode/2 on the original and on the exported model, and hand formulas;
 * ``S2HPruner.step`` against ``S2HReference`` (Algorithm 1 written literally, masked full width);
 * ``vit.WindowAttention`` against torchvision's ``ShiftedWindowAttention``.
-Models are tiny (widths 16-32, 2 blocks per stage); the native-size conversions are marked slow.
+Models are tiny (widths 16-32, 2 blocks per stage), except one native-size (224x224) conversion each of
+torchvision's vit_b_16 and swin_t (about 10 s each, 2 GB).
 """
 import copy
 import math
@@ -542,7 +543,6 @@ def test_prune_steps_reduce_flops_and_export():
 # ------------------------------------------------------------------------------------------ native size
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch,gmacs", [("vit_b_16", 17.5638), ("swin_t", 4.4906)])
 def test_torchvision_native_size(arch, gmacs):
     """vit_b_16 and swin_t convert at 224x224 (no weights); FLOPs and export checked at about half width."""
@@ -564,3 +564,26 @@ def test_torchvision_native_size(arch, gmacs):
     assert macs(exported, x) == pytest.approx(model.hard_flops(), rel=0.01)
     with torch.no_grad(), s2h.branch("hard"):
         close(exported(x), model(x), 1e-4)
+
+
+def test_digits_upscaled_train_a_tiny_vit():
+    """The digits data upscaled to 32x32 (1 channel) through build_model('vit_cifar', ...), S2H steps, export."""
+    from s2h.data import get_dataset
+    from s2h.models import build_model
+    from s2h.trainer import S2HPruner
+
+    ds = get_dataset("digits", image_size=32)
+    x = torch.stack([ds[i][0] for i in range(8)])
+    y = torch.tensor([int(ds[i][1]) for i in range(8)])
+    assert x.shape == (8, 1, 32, 32)
+    torch.manual_seed(0)
+    net = build_model("vit_cifar", 10, in_channels=1, image_size=32)
+    assert isinstance(net, vit.VisionTransformer) and len(net.blocks) == 9
+    small = vit.vit_cifar(num_classes=10, in_channels=1, dim=32, depth=2, num_heads=4, head_dim=8)
+    model = s2h.convert(small, x[:1], target_flops=0.5).train()
+    pruner = S2HPruner(model, torch.optim.AdamW(model.weight_parameters(), lr=1e-3), ce_coef=1.0, gap_coef=1.0)
+    for _ in range(3):
+        st = pruner.step(x, y)
+    assert math.isfinite(st["loss"]) and set(st["keep"]) == {g.name for g in model.groups}
+    with torch.no_grad(), s2h.branch("hard"):
+        close(model.eval().export().eval()(x), model(x))
