@@ -115,12 +115,12 @@ using DotFn = void (*)(const T* vals, const int32_t* row_ptr, const int32_t* col
 template <typename T>
 struct Kernels {
   int width;             // columns per vector
-  int vmax;              // vectors per full tile
-  TileFn<T> full[9];     // by vector count V = 1..vmax, every vector full
-  TileFn<T> tail[9];     // by V, the last vector partial
-  TileFn<T> wrap[9];     // by V, conv grid epilogue (null: compute into a buffer and copy out)
+  int vmax;              // vectors per tile when N is large
+  int vwide;             // most vectors in one tile: N up to width*vwide runs as a single tile
+  TileFn<T> full[17];    // by vector count V = 1..vwide, every vector full
+  TileFn<T> tail[17];    // by V, the last vector partial
+  TileFn<T> wrap[17];    // by V, conv grid epilogue (null: compute into a buffer and copy out)
   DotFn<T> dot;
-  int64_t tile_cols() const { return static_cast<int64_t>(width) * vmax; }
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -173,6 +173,7 @@ Kernels<T> scalar_kernels() {
   Kernels<T> k{};
   k.width = kScalarTile;
   k.vmax = 1;
+  k.vwide = 1;
   k.full[1] = tile_scalar<T>;
   k.tail[1] = tile_scalar<T>;
   k.dot = dot_scalar<T>;
@@ -193,7 +194,7 @@ S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
   const __mmask16 tm = TAIL ? static_cast<__mmask16>((1u << (a.nv - 16 * (V - 1))) - 1u) : 0xFFFF;
   __mmask16 wm[V], wpacked[V];
   if constexpr (WRAP) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       wm[v] = a.wmask[v];
       wpacked[v] = static_cast<__mmask16>((1u << __builtin_popcount(a.wmask[v])) - 1u);
@@ -208,27 +209,27 @@ S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
     if (j == e && !a.first && !(a.last && a.relu)) continue;  // nothing in this panel
     float* yr = a.y + r * a.ldy;
     __m512 acc[U][V];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
     if (a.first) {
       const __m512 b = _mm512_set1_ps(a.bias ? a.bias[r] : 0.f);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[0][v] = b;
     } else {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) {
         if constexpr (WRAP) acc[0][v] = _mm512_maskz_expand_ps(wm[v], _mm512_maskz_loadu_ps(wpacked[v], yr + a.wdst[v]));
         else acc[0][v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, yr + 16 * v) : _mm512_loadu_ps(yr + 16 * v);
       }
     }
     for (; j + U <= e; j += U) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int u = 0; u < U; ++u) {
         const float* xr = xq + off[j + u];
         const __m512 w = _mm512_set1_ps(vals[j + u]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int v = 0; v < V; ++v) {
           const __m512 xv = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
           acc[u][v] = _mm512_fmadd_ps(w, xv, acc[u][v]);
@@ -238,18 +239,18 @@ S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
     for (; j < e; ++j) {
       const float* xr = xq + off[j];
       const __m512 w = _mm512_set1_ps(vals[j]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) {
         const __m512 xv = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
         acc[0][v] = _mm512_fmadd_ps(w, xv, acc[0][v]);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int u = 1; u < U; ++u)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[0][v] = _mm512_add_ps(acc[0][v], acc[u][v]);
     const bool relu = a.relu && a.last;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       __m512 o = acc[0][v];
       if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
@@ -294,7 +295,8 @@ Kernels<float> avx512_kernels() {
   Kernels<float> k{};
   k.width = 16;
   k.vmax = 8;
-  set_avx512<8>(k);
+  k.vwide = 16;  // 16 accumulators of the 32 zmm registers
+  set_avx512<16>(k);
   k.dot = dot_avx512;
   return k;
 }
@@ -320,24 +322,24 @@ S2H_AVX2 void tile_avx2(const TileArgs<float>& a) {
     if (j == e && !a.first && !(a.last && a.relu)) continue;  // nothing in this panel
     float* yr = a.y + r * a.ldy;
     __m256 acc[U][V];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
     if (a.first) {
       const __m256 b = _mm256_set1_ps(a.bias ? a.bias[r] : 0.f);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[0][v] = b;
     } else {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[0][v] = (TAIL && v == V - 1) ? _mm256_maskload_ps(yr + 8 * v, tm) : _mm256_loadu_ps(yr + 8 * v);
     }
     for (; j + U <= e; j += U) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int u = 0; u < U; ++u) {
         const float* xr = xq + off[j + u];
         const __m256 w = _mm256_broadcast_ss(vals + j + u);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int v = 0; v < V; ++v) {
           const __m256 xv = (TAIL && v == V - 1) ? _mm256_maskload_ps(xr + 8 * v, tm) : _mm256_loadu_ps(xr + 8 * v);
           acc[u][v] = _mm256_fmadd_ps(w, xv, acc[u][v]);
@@ -347,18 +349,18 @@ S2H_AVX2 void tile_avx2(const TileArgs<float>& a) {
     for (; j < e; ++j) {
       const float* xr = xq + off[j];
       const __m256 w = _mm256_broadcast_ss(vals + j);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) {
         const __m256 xv = (TAIL && v == V - 1) ? _mm256_maskload_ps(xr + 8 * v, tm) : _mm256_loadu_ps(xr + 8 * v);
         acc[0][v] = _mm256_fmadd_ps(w, xv, acc[0][v]);
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int u = 1; u < U; ++u)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
     const bool relu = a.relu && a.last;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       __m256 o = acc[0][v];
       if (relu) o = _mm256_max_ps(o, _mm256_setzero_ps());
@@ -408,6 +410,7 @@ Kernels<float> avx2_kernels() {
   Kernels<float> k{};
   k.width = 8;
   k.vmax = 8;
+  k.vwide = 8;   // 16 ymm registers
   set_avx2<8>(k);
   k.dot = dot_avx2;
   return k;
@@ -594,7 +597,11 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
 template <typename T>
 void run(const Problem<T>& p) {
   const Kernels<T>& k = kernels_for<T>(std::is_same_v<T, float> ? active_isa() : Isa::scalar);
-  const int64_t tc = k.width * std::min<int64_t>(k.vmax, std::max<int64_t>(1, env_int("S2H_SPMM_TILE_V", k.vmax)));
+  // Tile: all of N when it fits in vwide vectors (one pass over the rows: every nonzero reads
+  // its X row once, whole), else vmax vectors.
+  const int64_t nvec_all = (p.n + k.width - 1) / k.width;
+  const int64_t vtile = env_int("S2H_SPMM_TILE_V", nvec_all <= k.vwide ? nvec_all : k.vmax);
+  const int64_t tc = k.width * std::min<int64_t>(k.vwide, std::max<int64_t>(1, vtile));
   const int64_t ntiles = p.batch * ((p.n + tc - 1) / tc);
   if (p.m == 0 || ntiles == 0) return;
   const int64_t nnz = p.row_ptr[p.m];
@@ -626,11 +633,11 @@ void run(const Problem<T>& p) {
     const int64_t cols = std::max<int64_t>(1, budget / std::max<int64_t>(per_group, 1)) * p.col_group;
     const double per_row_panel = (double)nnz / p.m * (double)cols / std::max<int64_t>(p.k, 1);
     // Plain matmul: only when the X rows of a tile do not stay near L1 anyway and the partial
-    // sums of the thread's rows are small (measured: ResNet GEMMs at 70% gain 10-30%, while
-    // tall-and-narrow ones like 2048x512x49 lose 30% with panels).
-    const bool partials_fit = conv || (rows_per_thread * tile_bytes <= env_int("S2H_SPMM_PARTIALS", 128 * 1024) &&
+    // sums of the thread's rows are small (measured on ResNet GEMMs: 64-128 rows at 70% gain
+    // 30%; 512x4608x49 and 2048x512x49 lose 12-30%, 512x4608x49 at 95% loses 2x).
+    const bool partials_fit = conv || (rows_per_thread * tile_bytes <= env_int("S2H_SPMM_PARTIALS", 64 * 1024) &&
                                        p.k * tile_bytes > 256 * 1024);
-    const int64_t pmin = env_int("S2H_SPMM_PMIN", conv ? 6 : 8);
+    const int64_t pmin = env_int("S2H_SPMM_PMIN", conv ? 6 : 12);
     if (cols < p.k && partials_fit && per_row_panel >= (double)pmin) panel_cols = cols;
   }
   // Dynamic scheduling over nnz-balanced chunks (several per thread): a thread that the OS
@@ -708,7 +715,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   // 1.2-1.7x slower when X lives in L2): copy X once into 16-float aligned rows, when each row of
   // X is read often enough (nnz / K times) to repay the copy.
   const int64_t nnz = col_idx.numel(), k = x.size(0);
-  if (x.scalar_type() == at::kFloat && n >= 16 && nnz >= env_int("S2H_SPMM_ALIGN", 8) * k &&
+  if (x.scalar_type() == at::kFloat && n >= 16 && nnz >= env_int("S2H_SPMM_ALIGN", 16) * k &&
       (x.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0)) {
     at::Tensor buf = at::empty({x.size(0), (n + 15) / 16 * 16}, x.options());
     x = buf.narrow(1, 0, n);
