@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .groups import GroupInfo, Member
-from .layers import ChannelSpec, MaskState, Segment, current_branch
+from .layers import ChannelSpec, MaskState, Segment, branch, current_branch
 from .models.vit import Attention, WindowAttention, token_attention, window_attention, window_geometry
 
 __all__ = [
@@ -128,8 +128,6 @@ class _S2HAttentionMixin:
 
     def forward_pair(self, x_soft: torch.Tensor, x_hard: torch.Tensor):
         """Soft and hard outputs (two calls; the qkv/proj S2HLinears slice themselves)."""
-        from .layers import branch
-
         with branch("soft"):
             ys = self(x_soft)
         with branch("hard"):
@@ -137,16 +135,10 @@ class _S2HAttentionMixin:
         return ys, yh
 
     def _plain_linears(self, keep: Sequence[int]):
+        """qkv and proj as plain nn.Linear holding the hard branch's slices."""
         from .export import _plain
 
-        qkv, proj = self.qkv, self.proj
-        if hasattr(qkv, "out_spec"):  # S2HLinear (converted): its hard slices
-            qkv, proj = _plain(qkv, keep), _plain(proj, keep)
-        else:  # pragma: no cover - an unconverted module
-            import copy
-
-            qkv, proj = copy.deepcopy(qkv), copy.deepcopy(proj)
-        return qkv, proj
+        return _plain(self.qkv, keep), _plain(self.proj, keep)
 
     def _kept_channels(self, keep: Sequence[int]) -> int:
         return self.group_channels if self.group is None else int(keep[self.group])
@@ -248,8 +240,6 @@ class S2HMultiheadAttention(S2HAttention):
         return 2.0 * n * n * self.head_dim * b / batch
 
     def forward_pair(self, x_soft, x_hard):
-        from .layers import branch
-
         with branch("soft"):
             ys = self(x_soft, x_soft, x_soft, need_weights=False)
         with branch("hard"):
