@@ -11,11 +11,17 @@ costs one pass over nnz and leaves the inner loop a plain load + FMA.  Conv weig
 (M, C/groups, kh, kw) are packed as the (M, C/groups*kh*kw) matrix in ``F.unfold`` column order.
 
 Backends:
-  * CPU, C++ (csrc/cpu/spmm.cpp): a micro-kernel vectorised along N with a register tile of up to
-    8 vectors (128 columns with AVX-512, 64 with AVX2) per output row, K panels sized to L1 when
-    rows are long enough, an nnz-balanced row partition over threads (or a split of the N tiles
-    when N is large), runtime ISA dispatch AVX-512 / AVX2 / portable, a gather dot product for
-    N == 1.  ``S2H_SPMM_ISA=avx2|scalar`` forces a lower ISA.
+  * CPU, C++ (csrc/cpu/spmm.cpp): a micro-kernel vectorised along N.  Per output row and tile of
+    N it keeps the tile in registers (AVX-512: all of N up to 256 columns = 16 zmm accumulators,
+    else 128-column tiles; AVX2: 64 columns), and per nonzero broadcasts the weight and FMAs one
+    X row segment into it; short tiles split a row's nonzeros over several accumulator sets to
+    keep ~8 FMA chains in flight.  K panels sized to L1 when a row keeps enough nonzeros per panel
+    (always worth it for a conv: the kh*kw taps of a channel share cache lines).  Threads: an
+    nnz-balanced partition of the rows (or of the N tiles, when X outweighs W), in several chunks
+    per thread pulled dynamically.  Runtime ISA dispatch AVX-512 / AVX2 / portable through
+    ``__builtin_cpu_supports`` (no -march=native); ``S2H_SPMM_ISA=avx2|scalar`` forces a lower
+    one.  N == 1 (a Linear layer at batch 1) runs a gather dot product per row.  X rows that do
+    not start on a cache line are copied aligned once when each is reused enough (nnz >= 16 K).
   * CUDA tensors: Triton by default (the kernel below), CUDA C++ (csrc/cuda/spmm.cu, warp per
     row with the row swizzle) with ``backend="cuda"``.
 

@@ -6,20 +6,26 @@
 //
 // Micro-kernel (in the style of XNNPACK's SpMM): one output row times one tile of N columns.
 // For every nonzero w = W[r, k] the kernel broadcasts w and FMAs it into V accumulator vectors
-// with V vectors of the X row k: the tile lives in registers (V*16 floats with AVX-512, V*8
-// with AVX2), X is read once per nonzero, and W once per tile.  Short tiles (small N) keep
-// enough independent FMA chains by splitting the nonzeros of a row over U accumulator sets.
-// N == 1 (a Linear layer at batch 1) uses a gather dot product per row instead.
+// with V vectors of the X row k: the tile lives in registers (AVX-512: up to 16 vectors, so N up
+// to 256 runs in one pass, else 8-vector tiles; AVX2: 8 vectors), X is read once per nonzero and
+// W once per tile.  Short tiles keep enough independent FMA chains by splitting the nonzeros of a
+// row over U accumulator sets.  N == 1 (a Linear layer at batch 1) uses a gather dot product.
 //
-// Work split: rows are cut into one contiguous range per thread with equal nnz (+ a fixed cost
-// per row); problems with few rows split the N tiles instead.  ISA: AVX-512 / AVX2+FMA /
-// portable C++, chosen at run time with __builtin_cpu_supports (S2H_SPMM_ISA=avx512|avx2|scalar
-// forces a lower one, for tests).  float64 runs the portable kernel.
+// Memory: the kernel is bound by the X row segments it streams (from L2 once X outgrows L1).
+// K panels (column ranges whose X rows of one tile fit in L1, partial sums kept in y) pay off
+// for convs, whose kh*kw taps of an input channel read overlapping windows, and for plain
+// GEMMs only at moderate sparsity with few rows per thread (rule and measurements in run()).
+//
+// Work split: nnz-balanced row ranges (or ranges of N tiles when X outweighs W), several chunks
+// per thread taken from an atomic counter so that a preempted thread delays one chunk only.
+// ISA: AVX-512 / AVX2+FMA / portable C++, chosen at run time with __builtin_cpu_supports
+// (S2H_SPMM_ISA=avx512|avx2|scalar forces one, for tests).  float64 runs the portable kernel.
 //
 // Conv without im2col: the input is copied once into a zero-padded, stride-phase-split buffer
 // (csrc/common/spmm.h, conv_tap_offset), every column of the packed (M, C/g*kh*kw) weight
 // becomes an element offset into it, and the output is computed on the grid q = oh*wq + ow
-// with contiguous loads along ow.  1x1 convs without padding read the input itself.
+// with contiguous loads along ow; the AVX-512 epilogue compresses the grid columns ow < wo into
+// the output rows (other ISAs copy them out).  1x1 convs without padding read the input itself.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -287,7 +293,9 @@ template <int V>
 void set_avx512(Kernels<float>& k) {
   k.full[V] = tile_avx512<V, false>;
   k.tail[V] = tile_avx512<V, true>;
-  k.wrap[V] = tile_avx512<V, true, true>;
+  // The conv buffer has slack past every grid end: loads need no tail mask, the compress mask
+  // keeps the valid lanes.
+  k.wrap[V] = tile_avx512<V, false, true>;
   if constexpr (V > 1) set_avx512<V - 1>(k);
 }
 
@@ -846,7 +854,8 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
     } else {
       const int64_t hq = conv_phase_size(h, sh, ph), wq = conv_phase_size(w, sw, pw);
       const int64_t per_item = c * sh * sw * hq * wq;
-      // Slack after the last item: grid columns ow >= wo may read up to wq elements past a phase.
+      // Slack after the last item: grid columns ow >= wo may read up to wq elements past a phase,
+      // and the AVX-512 grid kernels load whole vectors past the grid end (< 16 elements).
       buf = at::empty({batch * per_item + wq + 64}, x.options());
       scalar_t* bp = buf.data_ptr<scalar_t>();
       fill_phases<scalar_t>(x.data_ptr<scalar_t>(), bp, batch * c, h, w, sh, sw, ph, pw, hq, wq);
