@@ -240,7 +240,7 @@ def _check_weight(op: str, sw) -> None:
 
 
 def _check_no_grad(op: str, *tensors) -> None:
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(f"{op}: inference only, there is no backward; run under torch.no_grad() or "
                            "torch.inference_mode() (or train with the dense layer)")
 
@@ -288,21 +288,30 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (m,)):
         raise ValueError(f"{op}: bias must be a tensor of shape ({m},), got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    cdt = _compute_dtype(op, sparse_weight, x, bias)
-    device = check_same_device(op, values=sparse_weight.values, row_ptr=sparse_weight.row_ptr, x=x, bias=bias)
-    chosen = resolve_backend(backend, device, op)
-    _check_no_grad(op, x, sparse_weight.values, bias)
+    values = sparse_weight.values
+    # Common case first (float32/float64 everywhere, one device): no conversions, few checks.
+    if x.dtype in _NATIVE and values.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
+        cdt = x.dtype
+    else:
+        cdt = _compute_dtype(op, sparse_weight, x, bias)
+    device = x.device
+    if values.device != device or sparse_weight.row_ptr.device != device or (bias is not None and bias.device != device):
+        check_same_device(op, values=values, row_ptr=sparse_weight.row_ptr, x=x, bias=bias)
+    chosen = "cpu" if backend is None and device.type == "cpu" else resolve_backend(backend, device, op)
+    _check_no_grad(op, x, values, bias)
     out_dtype = x.dtype
-    values = sparse_weight.values.to(cdt)
-    xc = x.to(cdt)
-    b = bias.to(cdt) if bias is not None else None
+    if cdt is not x.dtype:
+        values, x = values.to(cdt), x.to(cdt)
+        bias = bias.to(cdt) if bias is not None else None
+    xc, b = x, bias
     if chosen == "triton":
         y = torch.ops.s2h.spmm_triton(values, sparse_weight.row_ptr, sparse_weight.col_idx, sparse_weight.row_order,
                                       xc, b, bool(relu))
     else:
         y = torch.ops.s2h.spmm(values, sparse_weight.row_ptr, sparse_weight.col_idx,
                                sparse_weight.row_order if chosen == "cuda" else None, xc, b, bool(relu))
-    y = y.to(out_dtype)
+    if y.dtype is not out_dtype:
+        y = y.to(out_dtype)
     return y.squeeze(1) if vector else y
 
 
@@ -362,16 +371,23 @@ def spmm_conv2d(sparse_weight: SparseWeight, x: torch.Tensor, kernel_size, bias:
         raise ValueError(f"{op}: input {tuple(x.shape)} is smaller than the (dilated) kernel")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (m,)):
         raise ValueError(f"{op}: bias must be a tensor of shape ({m},)")
-    cdt = _compute_dtype(op, sparse_weight, x, bias)
-    device = check_same_device(op, values=sparse_weight.values, row_ptr=sparse_weight.row_ptr, x=x, bias=bias)
-    chosen = resolve_backend(backend, device, op)
-    _check_no_grad(op, x, sparse_weight.values, bias)
+    values = sparse_weight.values
+    if x.dtype in _NATIVE and values.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
+        cdt = x.dtype
+    else:
+        cdt = _compute_dtype(op, sparse_weight, x, bias)
+    device = x.device
+    if values.device != device or sparse_weight.row_ptr.device != device or (bias is not None and bias.device != device):
+        check_same_device(op, values=values, row_ptr=sparse_weight.row_ptr, x=x, bias=bias)
+    chosen = "cpu" if backend is None and device.type == "cpu" else resolve_backend(backend, device, op)
+    _check_no_grad(op, x, values, bias)
     out_dtype = x.dtype
-    xc = x.to(cdt)
-    b = bias.to(cdt) if bias is not None else None
+    xc = x if cdt is x.dtype else x.to(cdt)
+    b = bias if bias is None or cdt is bias.dtype else bias.to(cdt)
     if chosen == "cpu":
-        y = torch.ops.s2h.spmm_conv2d(sparse_weight.values.to(cdt), sparse_weight.row_ptr, sparse_weight.col_idx, xc,
-                                      b, [kh, kw], [sh, sw_], [ph, pw], [dh, dw], int(groups), bool(relu))
+        y = torch.ops.s2h.spmm_conv2d(values if cdt is values.dtype else values.to(cdt), sparse_weight.row_ptr,
+                                      sparse_weight.col_idx, xc, b, (kh, kw), (sh, sw_), (ph, pw), (dh, dw),
+                                      int(groups), bool(relu))
     else:
         # GPU: unfold + spmm over the (M, C*kh*kw) block-diagonal weight, all images as columns.
         full = _grouped_full_weight(sparse_weight.to(dtype=cdt), groups, k)
@@ -380,5 +396,6 @@ def spmm_conv2d(sparse_weight: SparseWeight, x: torch.Tensor, kernel_size, bias:
         cols = cols.permute(1, 0, 2).reshape(kk, bsz * length)
         y = spmm(full, cols, b, relu, backend=chosen)
         y = y.reshape(m, bsz, ho, wo).permute(1, 0, 2, 3).contiguous()
-    y = y.to(out_dtype)
+    if y.dtype is not out_dtype:
+        y = y.to(out_dtype)
     return y.squeeze(0) if unbatched else y
