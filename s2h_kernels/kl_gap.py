@@ -410,11 +410,12 @@ def _validate(op: str, n1: str, x, n2: str, y, temperature, reduction: str, back
 def _reduce(op: str, loss_rows: torch.Tensor, lead_shape, classes: int, reduction: str, dtype: torch.dtype):
     if reduction == "none":
         return loss_rows.reshape(lead_shape).to(dtype)
-    total = loss_rows.sum()
     if reduction == "batchmean":
-        total = total / loss_rows.shape[0]
+        total = loss_rows.mean()
     elif reduction == "mean":
-        total = total / (loss_rows.shape[0] * classes)
+        total = loss_rows.mean() / classes
+    else:
+        total = loss_rows.sum()
     return total.to(dtype)
 
 

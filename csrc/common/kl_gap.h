@@ -13,6 +13,9 @@
 //   is NaN, and NaN * 0 is NaN), hence the row's lse, loss and gradients.
 // * Functions take the state as separate scalars (not a struct) so the CPU kernel can keep one
 //   state per SIMD lane in plain arrays that the compiler vectorises.
+// * Branch-free: every ?: selects between values (no early returns in the per-element functions),
+//   so the loops calling them if-convert and vectorise (csrc/cpu/kl_gap.cpp also turns off GCC's
+//   -ftrapping-math, without which selects stay scalar on AVX2 and the x86-64 baseline).
 #pragma once
 
 #include <cmath>
@@ -54,9 +57,8 @@ S2H_KL_HD float bits_to_float(int32_t i) {
 // -inf -> 0, NaN -> NaN.
 S2H_KL_HD float exp_f32(float x) {
   const float kLo = -87.0f, kHi = 88.3762626647949f;
-  float xc = x != x ? 0.0f : x;  // keep NaN out of the float -> int conversion below
-  xc = xc < kLo ? kLo : xc;
-  xc = xc > kHi ? kHi : xc;
+  const bool nan = x != x, under = x < kLo, over = x > kHi;
+  const float xc = nan ? 0.0f : (under ? kLo : (over ? kHi : x));  // no NaN into the int conversion
   // Round x*log2(e) to the nearest integer with the 1.5*2^23 shifter (exact for |n| < 2^22).
   const float kShift = 12582912.0f;
   const float t = xc * 1.44269504088896341f + kShift;
@@ -71,7 +73,7 @@ S2H_KL_HD float exp_f32(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
   const float res = y * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return x != x ? x : (x < kLo ? 0.0f : res);
+  return nan ? x : (under ? 0.0f : res);
 }
 
 S2H_KL_HD float kexp(float x) { return exp_f32(x); }
@@ -85,7 +87,8 @@ S2H_KL_HD double ksqrt(double x) { return sqrt(x); }
 // NaN e stays NaN.
 template <typename A>
 S2H_KL_HD A pmul(A e, A f) {
-  return e == A(0) ? A(0) : e * f;
+  const A prod = e * f;
+  return e == A(0) ? A(0) : prod;
 }
 
 // ---- online softmax --------------------------------------------------------------------------
@@ -95,9 +98,11 @@ S2H_KL_HD A pmul(A e, A f) {
 template <typename A>
 S2H_KL_HD void push(A& m, A& z, A x, A& old, A& e) {
   const bool up = x > m;  // false for NaN x: it lands in z through e = exp(NaN)
-  const A ed = kexp(up ? m - x : x - m);
+  const bool empty = x == neg_inf<A>();  // -inf after -inf would give exp(NaN)
+  const A d_up = m - x, d_down = x - m;
+  const A ed = kexp(up ? d_up : d_down);
   old = up ? ed : A(1);
-  e = up ? A(1) : (x == neg_inf<A>() ? A(0) : ed);  // -inf after -inf would give exp(NaN)
+  e = up ? A(1) : (empty ? A(0) : ed);
   m = up ? x : m;
   z = z * old + e;
 }
@@ -108,7 +113,8 @@ S2H_KL_HD void push(A& m, A& z, A x, A& old, A& e) {
 // applies it to all its lanes at once.
 template <typename A>
 S2H_KL_HD A rescale_factor(A m, A mm) {
-  return m == neg_inf<A>() ? A(0) : kexp(m - mm);
+  const A f = kexp(m - mm);
+  return m == neg_inf<A>() ? A(0) : f;
 }
 
 template <typename A>
@@ -260,7 +266,8 @@ S2H_KL_HD void welford_merge(A& n, A& mean, A& m2, A n2, A mean2, A m22) {
 template <typename A>
 S2H_KL_HD A welford_m2_term(A n, A mean, A m2, A total_mean) {
   const A d = mean - total_mean;
-  return n == A(0) ? A(0) : m2 + n * d * d;
+  const A term = m2 + n * d * d;
+  return n == A(0) ? A(0) : term;
 }
 
 // Affine map z -> (z - shift) * alpha of one row, and the n and sigma its chain rule needs.
@@ -272,7 +279,8 @@ struct Affine {
 template <typename A>
 S2H_KL_HD Affine<A> standardize_affine(A n, A mean, A m2, A inv_t, A eps) {
   Affine<A> f;
-  const A denom = n > A(1) ? n - A(1) : A(1);
+  const A nm1 = n - A(1);
+  const A denom = n > A(1) ? nm1 : A(1);
   f.sigma = ksqrt(m2 / denom);
   f.shift = mean;
   f.alpha = inv_t / (f.sigma + eps);
@@ -366,7 +374,8 @@ S2H_KL_HD A cak_grad(const CakRow<A>& r, A a, A b, A grad_scale) {
   const A ls = log_softmax(r.ls, a), lt = log_softmax(r.lt, b);
   const A s = kexp(ls), t = kexp(lt);
   const A ga = r.gamma * (s - t) + (A(1) - r.gamma) * pmul(s, ls - lt - r.klr);
-  const A chain = a == neg_inf<A>() ? A(0) : r.kappa * a;  // masked logits skip mu and sigma
+  const A ka = r.kappa * a;
+  const A chain = a == neg_inf<A>() ? A(0) : ka;  // masked logits skip mu and sigma
   return (r.alpha * ga - chain) * grad_scale;
 }
 

@@ -22,6 +22,11 @@
 #include <tuple>
 #include <vector>
 
+// FP exception flags are no part of these kernels' contract. Without -ftrapping-math GCC may
+// if-convert the branch-free selects of kl_gap.h into blends on AVX2 and SSE2 too (with it, only
+// AVX-512's masked instructions vectorise them). IEEE results, NaN and inf handling are unchanged.
+#pragma GCC optimize("no-trapping-math")
+
 #include "common/kl_gap.h"
 
 namespace {
