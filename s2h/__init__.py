@@ -10,9 +10,14 @@ from .layers import (
 )
 from .model import S2HModel, convert
 from .export import export, load, save
+from .trainer import NonFiniteLossError, S2HPruner
+from .reference import S2HReference
 from . import data, models, oneshot, plots, sparse
 
 __all__ = [
+    "NonFiniteLossError",
+    "S2HPruner",
+    "S2HReference",
     "S2HBatchNorm1d",
     "S2HBatchNorm2d",
     "S2HConv2d",
