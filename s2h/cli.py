@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     oneshot.add_arguments(p)
     p.set_defaults(func=_lazy("s2h.oneshot"))
 
+    # demo: the main job (s2h/demo.py); until the trainer lands, the channel-mask stand-in
+    import importlib.util
+
+    demo_module = "s2h.demo" if importlib.util.find_spec("s2h.demo") else "s2h.masks_demo"
+    p = sub.add_parser("demo", help="the main job: S2H on the bundled digits, offline in minutes")
+    importlib.import_module(demo_module).add_arguments(p)
+    p.set_defaults(func=_lazy(demo_module))
+
     return parser
 
 
