@@ -15,6 +15,7 @@ Models are tiny (widths 16-32, 2 blocks per stage), except one native-size (224x
 torchvision's vit_b_16 and swin_t (about 10 s each, 2 GB).
 """
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -588,3 +589,30 @@ def test_digits_upscaled_train_a_tiny_vit():
     assert math.isfinite(st["loss"]) and set(st["keep"]) == {g.name for g in model.groups}
     with torch.no_grad(), s2h.branch("hard"):
         close(model.eval().export().eval()(x), model(x))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s2h.train") is None, reason="the prune command (s2h/train.py) is absent")
+@pytest.mark.parametrize("args,coef", [
+    (["--preset", "cifar100-vit", "--data", "digits"], "preset"),  # the paper's ViT settings on the digits
+    (["--model", "swin_cifar", "--data", "digits"], "default"),    # no preset: Transformers default to 1 and 1
+])
+def test_prune_cli_transformers_on_digits(tmp_path, args, coef):
+    """``python -m s2h prune`` with vit_cifar / swin_cifar on the digits upscaled to 32x32 (2 steps)."""
+    import json
+
+    from s2h import cli
+
+    out = tmp_path / "run"
+    rc = cli.main(["prune", *args, "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                   "--max-train-samples", "32", "--max-test-samples", "32", "--no-progress", "--threads", "1"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    cfg = s["config"]
+    assert (cfg["ce_coef"], cfg["gap_coef"]) == (1.0, 1.0)
+    if coef == "preset":
+        assert (cfg["model"], cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["warmup_epochs"]) == \
+            ("vit_cifar", "adamw", 3e-3, 0.05, 10)
+    assert s["image_size"] == 32 and s["exported_matches_hard"]
+    attn = [name for name in s["widths"] if name.endswith("attn")]
+    assert len(attn) == (9 if cfg["model"] == "vit_cifar" else 12)
+    assert (out / "pruned.pt").is_file()
