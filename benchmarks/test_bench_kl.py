@@ -4,7 +4,8 @@
         --benchmark-columns=min,median,mean,rounds --benchmark-json=/tmp/kl_cpu.json
     .venv/bin/python benchmarks/report.py /tmp/kl_cpu.json
 
-One group per shape (B rows, C classes), fp32 logits on the CPU, torch's default threads:
+One group per shape (B rows, C classes), fp32 logits on the CPU, torch's default threads (or
+``S2H_BENCH_THREADS``):
 
 * ``eager``: ``d1 = F.kl_div(log_softmax(h/T), softmax(s.detach()/T))`` and
   ``d2 = F.kl_div(log_softmax(h.detach()/T), softmax(s/T))``, batchmean, and their gradients
@@ -36,6 +37,17 @@ import s2h_kernels
 
 T = 1.0
 SHAPES = [(B, C) for B in (64, 512, 4096) for C in (10, 100, 1000, 32000)]
+# S2H_BENCH_THREADS=1 measures single-threaded (steadier on a shared machine: a 2-thread OpenMP
+# barrier waits a whole time slice whenever another process holds the second core).
+THREADS = int(os.environ.get("S2H_BENCH_THREADS", "0")) or torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_inputs(B, C, seed=0):
@@ -117,7 +129,7 @@ def rounds_for(n: int) -> dict:
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("B,C", SHAPES, ids=[f"B{B}-C{C}" for B, C in SHAPES])
 def test_kl_gap(benchmark, impl, B, C):
-    benchmark.group = f"kl_gap B={B} C={C} cpu"
+    benchmark.group = f"kl_gap B={B} C={C} cpu {THREADS}t"
     fn = IMPLS[impl]
     s, h = make_inputs(B, C)
     out = benchmark.pedantic(fn, args=(s, h), **rounds_for(B * C))
@@ -148,7 +160,7 @@ def ca_fused(zs, zt):
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 @pytest.mark.parametrize("B,C", CA_SHAPES, ids=[f"B{B}-C{C}" for B, C in CA_SHAPES])
 def test_ca_kld(benchmark, impl, B, C):
-    benchmark.group = f"ca_kld B={B} C={C} cpu"
+    benchmark.group = f"ca_kld B={B} C={C} cpu {THREADS}t"
     fn = ca_eager if impl == "eager" else ca_fused
     zs, zt = make_inputs(B, C, seed=1)
     zt = zt.detach()

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._backend import check_float, check_same_device, resolve_backend
 
@@ -348,6 +349,9 @@ def _kl_gap_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+# The saved gradients are constants to autograd, so a second derivative taken through them would be
+# silently incomplete: once_differentiable makes create_graph=True raise instead.
+@once_differentiable
 def _kl_gap_backward(ctx, grad_loss, _grad_gs, _grad_gh):
     if grad_loss is None:
         return None, None, None, None
@@ -363,6 +367,7 @@ def _ca_kld_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@once_differentiable
 def _ca_kld_backward(ctx, grad_loss, _grad_g, _grad_gamma):
     # The teacher gets no gradient (it is a constant target, like teacher_logits.detach()).
     if grad_loss is None:

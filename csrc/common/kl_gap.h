@@ -201,13 +201,19 @@ S2H_KL_HD GapRow<A> gap_finalize(A ms, A zs, A w, A mh, A zh) {
 
 // Gradients of d at one element, times gscale (= grad_scale / T):
 //   dd/dh = (q - p) / T,   dd/ds = p (log p - log q - d) / T.
+// The formula itself, from log p, log q and p = exp(log p), q = exp(log q) (the CPU kernel has
+// p and q from exponentials it kept from the first pass).
+template <typename A>
+S2H_KL_HD void gap_grads_pq(A ls, A lh, A p, A q, A d, A gscale, A& gs, A& gh) {
+  gh = (q - p) * gscale;
+  gs = pmul(p, ls - lh - d) * gscale;
+}
+
 // The same, with the row constants as plain scalars (for loops the compiler vectorises).
 template <typename A>
 S2H_KL_HD void gap_grads(A ms, A lzs, A mh, A lzh, A d, A a, A b, A gscale, A& gs, A& gh) {
   const A ls = (a - ms) - lzs, lh = (b - mh) - lzh;
-  const A p = kexp(ls), q = kexp(lh);
-  gh = (q - p) * gscale;
-  gs = pmul(p, ls - lh - d) * gscale;
+  gap_grads_pq(ls, lh, kexp(ls), kexp(lh), d, gscale, gs, gh);
 }
 
 template <typename A>

@@ -1,10 +1,13 @@
 // CPU kernels of s2h::kl_gap and s2h::ca_kld (math in csrc/common/kl_gap.h, DESIGN §2 and §3).
 //
-// OpenMP over rows (at::parallel_for, which runs on torch's OpenMP pool). Within a row, kL lanes
-// each keep their own online-softmax state in plain arrays, so the per-element update (one exp per
-// stream, see kl_gap.h) vectorises; the lanes merge at the end of the row. A second sweep over the
-// row, still in cache for any realistic C, writes both gradients. Nothing of size B x C is
-// allocated beyond the outputs.
+// OpenMP over rows (at::parallel_for, which runs on torch's OpenMP pool); vectorised loops within.
+// * kl_gap: a chunked online softmax (kChunk classes at a time, running maximum and rescaled sums);
+//   the exponentials wait in the gradient buffers for the gradient pass, so each class costs two
+//   exponentials. Rows of at most kSmallC classes go 16 at a time, one per SIMD lane.
+// * ca_kld: kL lanes per row, each with its own online state (one exp per stream and element,
+//   kl_gap.h push), merged at the end of the row; a second sweep writes the gradient.
+// Nothing of size B x C is allocated beyond the outputs (16-bit inputs: a float scratch of 2 C per
+// thread).
 //
 // No -march=native: the row loops are compiled three times, for AVX-512, AVX2+FMA and the x86-64
 // baseline, through per-function target attributes, and chosen at run time with
@@ -20,6 +23,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // FP exception flags are no part of these kernels' contract. Without -ftrapping-math GCC may
@@ -56,58 +60,75 @@ KL_INLINE A lanes_max(const A* m) {
   return mm;
 }
 
+// KL gap rows, chunked online softmax: per chunk of kChunk classes (in L1), the chunk maximum, then
+// exp(x - chunk max) kept in the gradient buffers (or a float scratch for 16-bit types) with the
+// chunk's sums, merged into the row's running state (kl_gap.h merge). The gradient pass turns the
+// kept exponentials into p and q with one factor per chunk: two exponentials per class in all.
+constexpr int64_t kChunk = 1024;
+
+int64_t num_chunks(int64_t C) { return (C + kChunk - 1) / kChunk; }
+
 template <typename T, typename A>
-KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, A inv_t, A gscale,
-                       T* __restrict gs, T* __restrict gh, A* loss) {
-  A ms[kL], zs[kL], w[kL], mh[kL], zh[kL];
-  for (int l = 0; l < kL; ++l) k::gap_init(ms[l], zs[l], w[l], mh[l], zh[l]);
-  const int64_t full = C - C % kL;
-  for (int64_t j = 0; j < full; j += kL) {
-#pragma omp simd
-    for (int l = 0; l < kL; ++l)
-      k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], static_cast<A>(s[j + l]) * inv_t,
-                  static_cast<A>(h[j + l]) * inv_t);
-  }
-  T sp[kL], hp[kL];
-  if (full < C) {
-    pad_tail(s + full, C - full, sp);
-    pad_tail(h + full, C - full, hp);
-#pragma omp simd
-    for (int l = 0; l < kL; ++l)
-      k::gap_push(ms[l], zs[l], w[l], mh[l], zh[l], static_cast<A>(sp[l]) * inv_t, static_cast<A>(hp[l]) * inv_t);
-  }
-  const A Ms = lanes_max(ms), Mh = lanes_max(mh);
-  A Zs = 0, W = 0, Zh = 0;
-#pragma omp simd reduction(+ : Zs, W, Zh)
-  for (int l = 0; l < kL; ++l) {
-    const A fs = k::rescale_factor(ms[l], Ms), fh = k::rescale_factor(mh[l], Mh);
-    Zs += zs[l] * fs;
-    W += k::pmul(fs, w[l]);
-    Zh += zh[l] * fh;
+KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, A inv_t, A gscale, T* gs,
+                       T* gh, A* loss, A* scratch) {
+  // e buffers: the outputs themselves when they hold A, else the scratch; chunk maxima after them.
+  constexpr bool kInPlace = std::is_same_v<T, A>;
+  A* const es = kInPlace ? reinterpret_cast<A*>(gs) : scratch;
+  A* const eh = kInPlace ? reinterpret_cast<A*>(gh) : scratch + C;
+  A* const cmax = kInPlace ? scratch : scratch + 2 * C;
+  A Ms = k::neg_inf<A>(), Zs = 0, W = 0, Mh = k::neg_inf<A>(), Zh = 0;
+  for (int64_t c0 = 0, ci = 0; c0 < C; c0 += kChunk, ++ci) {
+    const int64_t n = C - c0 < kChunk ? C - c0 : kChunk;
+    const T* __restrict sc = s + c0;
+    const T* __restrict hc = h + c0;
+    A ms = k::neg_inf<A>(), mh = k::neg_inf<A>();
+#pragma omp simd reduction(max : ms, mh)
+    for (int64_t i = 0; i < n; ++i) {  // NaN is skipped here; it reaches the sums through exp(NaN)
+      const A a = static_cast<A>(sc[i]) * inv_t, b = static_cast<A>(hc[i]) * inv_t;
+      ms = a > ms ? a : ms;
+      mh = b > mh ? b : mh;
+    }
+    // A chunk of -inf only: shift by 0, every exponential is exp(-inf) = 0.
+    const A shs = ms == k::neg_inf<A>() ? A(0) : ms, shh = mh == k::neg_inf<A>() ? A(0) : mh;
+    A zs = 0, zh = 0, w = 0;
+#pragma omp simd reduction(+ : zs, zh, w)
+    for (int64_t i = 0; i < n; ++i) {
+      const A a = static_cast<A>(sc[i]) * inv_t, b = static_cast<A>(hc[i]) * inv_t;
+      const A e1 = k::kexp(a - shs), e2 = k::kexp(b - shh);
+      es[c0 + i] = e1;
+      eh[c0 + i] = e2;
+      zs += e1;
+      zh += e2;
+      w += k::pmul(e1, a - b);
+    }
+    A f1, f2;
+    k::merge(Ms, Zs, ms, zs, f1, f2);
+    W = k::rescale_add(W, f1, w, f2);
+    k::merge(Mh, Zh, mh, zh, f1, f2);
+    cmax[2 * ci] = ms;
+    cmax[2 * ci + 1] = mh;
   }
   const k::GapRow<A> r = k::gap_finalize(Ms, Zs, W, Mh, Zh);
   *loss = r.d;
+  for (int64_t c0 = 0, ci = 0; c0 < C; c0 += kChunk, ++ci) {
+    const int64_t n = C - c0 < kChunk ? C - c0 : kChunk;
+    const A fs = k::rescale_factor(cmax[2 * ci], Ms) / Zs, fh = k::rescale_factor(cmax[2 * ci + 1], Mh) / Zh;
 #pragma omp simd
-  for (int64_t i = 0; i < full; ++i) {
-    A g1, g2;
-    k::gap_grads(r, static_cast<A>(s[i]) * inv_t, static_cast<A>(h[i]) * inv_t, gscale, g1, g2);
-    gs[i] = static_cast<T>(g1);
-    gh[i] = static_cast<T>(g2);
-  }
-  if (full < C) {
-    T g1p[kL], g2p[kL];
-#pragma omp simd
-    for (int l = 0; l < kL; ++l) {
+    for (int64_t i = c0; i < c0 + n; ++i) {
+      const A a = static_cast<A>(s[i]) * inv_t, b = static_cast<A>(h[i]) * inv_t;
+      const A ls = k::log_softmax(r.ls, a), lh = k::log_softmax(r.lh, b);
       A g1, g2;
-      k::gap_grads(r, static_cast<A>(sp[l]) * inv_t, static_cast<A>(hp[l]) * inv_t, gscale, g1, g2);
-      g1p[l] = static_cast<T>(g1);
-      g2p[l] = static_cast<T>(g2);
-    }
-    for (int64_t l = 0; l < C - full; ++l) {
-      gs[full + l] = g1p[l];
-      gh[full + l] = g2p[l];
+      k::gap_grads_pq(ls, lh, es[i] * fs, eh[i] * fh, r.d, gscale, g1, g2);
+      gs[i] = static_cast<T>(g1);
+      gh[i] = static_cast<T>(g2);
     }
   }
+}
+
+// Per task: the chunk maxima, and the kept exponentials when the outputs are 16-bit.
+template <typename T, typename A>
+int64_t gap_scratch_size(int64_t C) {
+  return 2 * num_chunks(C) + (std::is_same_v<T, A> ? 0 : 2 * C);
 }
 
 // Short rows (C <= kSmallC): kL rows at once, lane l owning row l from start to end (strided
@@ -299,9 +320,9 @@ struct CakArgs {
 // lane loops ("control flow in loop"); as a function of its own, each row's loops vectorise.
 #define KL_DEFINE_RANGES(SUFFIX, ATTR)                                                              \
   template <typename T, typename A>                                                                 \
-  ATTR __attribute__((noinline)) void gap_row_##SUFFIX(const GapArgs<T, A>& p, int64_t r) {         \
+  ATTR __attribute__((noinline)) void gap_row_##SUFFIX(const GapArgs<T, A>& p, int64_t r, A* scratch) { \
     gap_row<T, A>(p.s + r * p.C, p.h + r * p.C, p.C, p.inv_t, p.gscale, p.gs + r * p.C,             \
-                  p.gh + r * p.C, p.loss + r);                                                      \
+                  p.gh + r * p.C, p.loss + r, scratch);                                             \
   }                                                                                                 \
   template <typename T, typename A>                                                                 \
   ATTR __attribute__((noinline)) void cak_row_##SUFFIX(const CakArgs<T, A>& p, int64_t r) {         \
@@ -326,7 +347,9 @@ struct CakArgs {
     int64_t r = r0;                                                                                 \
     if (p.C <= kSmallC)                                                                             \
       for (; r + kL <= r1; r += kL) gap_rows16_##SUFFIX<T, A>(p, r);                                \
-    for (; r < r1; ++r) gap_row_##SUFFIX<T, A>(p, r);                                               \
+    if (r == r1) return;                                                                            \
+    std::vector<A> scratch(gap_scratch_size<T, A>(p.C));                                            \
+    for (; r < r1; ++r) gap_row_##SUFFIX<T, A>(p, r, scratch.data());                               \
   }                                                                                                 \
   template <typename T, typename A>                                                                 \
   void cak_rows_##SUFFIX(const CakArgs<T, A>& p, int64_t r0, int64_t r1) {                          \

@@ -312,6 +312,25 @@ def test_cpu_short_rows_special_values():
     assert torch.isnan(one[~finite]).all()  # a NaN logit, or a row with no finite logit at all
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_multi_chunk(dtype):
+    """Rows of several 1024-class chunks: a chunk entirely -inf, the maximum in the last chunk, and
+    16-bit inputs (whose exponentials wait in a float scratch instead of the outputs)."""
+    s, h = logits((3, 3000), seed=58, scale=4.0), logits((3, 3000), seed=59, scale=4.0)
+    s[0, 1024:2048] = NINF
+    h[0, 1024:2048] = NINF
+    s[1, 2990] = 60.0  # the earlier chunks' sums are rescaled by exp(-~45)
+    s[2, :1024] = -200.0  # a whole chunk underflows against the later maximum
+    s, h = s.to(dtype), h.to(dtype)
+    loss, gs, gh = s2h_kernels.kl_gap_with_grads(s, h, 1.0, "none")
+    rl, rgs, rgh = reference.kl_gap_with_grads(s.double(), h.double(), 1.0, "none")
+    t = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(loss.double(), rl, rtol=t, atol=t * 10)
+    torch.testing.assert_close(gs.double(), rgs, rtol=t, atol=t)
+    torch.testing.assert_close(gh.double(), rgh, rtol=t, atol=t)
+    assert (gs[0, 1024:2048] == 0).all() and (gh[0, 1024:2048] == 0).all()
+
+
 def test_triton_multi_chunk(monkeypatch):
     """Chunks of 16 classes: the online rescaling across chunks, -inf and NaN-free tails."""
     monkeypatch.setattr(kl_mod, "MAX_BLOCK", 16)
@@ -486,6 +505,34 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(outs[0][0], outs[1][0])
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_double_backward_raises(backend, device_for):
+    """Second derivatives are not implemented: create_graph=True must fail loudly, never return a
+    silently incomplete result (even when the cotangent itself requires grad)."""
+    dev = device_for(backend)
+    s = logits((2, 5), device=dev, seed=54).requires_grad_(True)
+    h = logits((2, 5), device=dev, seed=55).requires_grad_(True)
+    v = torch.ones((), device=dev, requires_grad=True)
+    for loss in (s2h_kernels.kl_gap(s, h, backend=backend), s2h_kernels.ca_kld(s, h, backend=backend)):
+        (g,) = torch.autograd.grad(loss, s, grad_outputs=v, create_graph=True, retain_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.sum().backward()
+        (g,) = torch.autograd.grad(loss, s, create_graph=True)
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            g.sum().backward()
+
+
+def test_retain_graph_backward_twice(backend, device_for):
+    """The saved gradients are not modified in place: a retained graph gives the same result twice."""
+    dev = device_for(backend)
+    s = logits((3, 7), device=dev, seed=56).requires_grad_(True)
+    h = logits((3, 7), device=dev, seed=57).requires_grad_(True)
+    loss = s2h_kernels.kl_gap(s, h, backend=backend)
+    g1 = torch.autograd.grad(loss, (s, h), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (s, h))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
