@@ -4,17 +4,13 @@ The paper prunes "the head numbers (ViT) or head feature dimensions (Swin) of at
 the channel numbers of linear layers" (Appendix A1). :func:`s2h.convert` calls :func:`prepare`
 before it traces a model, and this module then:
 
-* swaps every attention module it knows for an S2H attention module:
+* swaps every attention module it knows for an S2H attention module (group over; exported as):
 
-  ======================================================  =========================  ==================
-  module                                                  S2H module (group over)    exported as
-  ======================================================  =========================  ==================
-  :class:`s2h.models.vit.Attention`                       :class:`S2HAttention`      ``vit.Attention``
-  ``torch.nn.MultiheadAttention`` (torchvision ViT;       :class:`S2HMultiheadAttention` (heads)
-  self-attention)                                                                    :class:`MultiheadSelfAttention`
-  :class:`s2h.models.vit.WindowAttention`, torchvision's  :class:`S2HWindowAttention` ``vit.WindowAttention``
-  ``ShiftedWindowAttention`` (Swin V1)                    (head dimensions)
-  ======================================================  =========================  ==================
+  - :class:`s2h.models.vit.Attention` -> :class:`S2HAttention` (heads; ``vit.Attention``);
+  - ``torch.nn.MultiheadAttention``, self-attention as in torchvision's ViT ->
+    :class:`S2HMultiheadAttention` (heads; :class:`MultiheadSelfAttention`, same call convention);
+  - :class:`s2h.models.vit.WindowAttention` and torchvision's ``ShiftedWindowAttention`` (Swin V1)
+    -> :class:`S2HWindowAttention` (head dimensions; ``vit.WindowAttention``).
 
   Each holds a ``qkv`` and a ``proj`` ``nn.Linear`` (an ``nn.MultiheadAttention``'s packed
   ``in_proj_weight`` and ``out_proj`` become them, sharing the parameters) that :func:`s2h.convert`
@@ -56,6 +52,13 @@ The paper's Fig. 4(d)/(e) shows the embedding pruned too (e.g. 96/192 for ViT), 
 deliberate difference. To keep the trace away from the residual stream, every attention module's
 ``qkv`` and ``proj`` are passed to Torch-Pruning as ignored layers: the residual group (which
 holds ``proj``'s output) and the raw ``qkv`` group are never returned by ``find_groups``.
+
+Notes: attention runs as explicit matmuls everywhere (S2H and exported modules), so
+``FlopCounterMode`` counts QKᵀ and AV (it does not count ``scaled_dot_product_attention`` on the
+CPU, which ``nn.MultiheadAttention`` uses). ``S2HModel.forward_pair`` pairs the attention modules
+of ``vit_cifar``/``swin_cifar``/torchvision's Swin in its graph; torchvision's ViT calls its
+attention with three arguments, which the paired graph does not take, so it falls back to two
+forwards (with a warning). Swin V2 attention and cross-attention are refused with an error.
 """
 from __future__ import annotations
 
