@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     oneshot.add_arguments(p)
     p.set_defaults(func=_lazy("s2h.oneshot"))
 
+    # prune: S2HPruner training to a FLOPs budget (s2h/train.py)
+    from . import train
+
+    p = sub.add_parser("prune", help="S2HPruner: train and prune to a FLOPs budget in one stage",
+                       description="One-stage structured channel pruning (S2HPruner): soft and hard networks "
+                                   "trained together, the hard one exported. torchrun works (DDP).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_arguments(p)
+    p.set_defaults(func=_lazy("s2h.train"))
+
     # demo: the main job (s2h/demo.py); until the trainer lands, the channel-mask stand-in
     import importlib.util
 
