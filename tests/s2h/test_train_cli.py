@@ -1,0 +1,194 @@
+"""``python -m s2h prune`` and ``python -m s2h demo`` end to end on digits (tiny runs), resume, errors."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import s2h
+from s2h import cli, train
+
+QUICK = ["--model", "resnet8", "--data", "digits", "--max-train-samples", "128", "--max-test-samples", "64",
+         "--batch-size", "32", "--no-progress", "--threads", "1", "--device", "cpu"]
+TIME_KEYS = {"epoch_time", "wall_time"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_prune_digits_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--epochs", "2", "--out", str(out), "--latency"]) == 0
+    text = capsys.readouterr().out
+    assert "epoch 2/2" in text and "done:" in text
+    log = _log(out)
+    assert [h["epoch"] for h in log] == [1, 2]
+    for h in log:
+        assert {"soft_top1", "hard_top1", "hard_flops_pct", "gap_kl", "gap_js", "lr", "wall_time", "keep",
+                "train_loss"} <= set(h)
+        assert 0 <= h["soft_top1"] <= 100 and 0 < h["hard_flops_pct"] <= 100 and h["gap_kl"] >= 0 and h["gap_js"] >= 0
+    assert log[1]["step"] == 2 * (128 // 32)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["exported_matches_hard"] and s["exported_top1"] == pytest.approx(s["hard_top1"])
+    assert s["hard_flops_pct"] == pytest.approx(log[-1]["hard_flops_pct"])
+    assert {"latency_ms_bs1", "latency_ms_bs64"} <= set(s)
+    for name in ("trajectory.png", "architecture.png"):
+        assert (out / name).stat().st_size > 5000
+    # the exported model reloads from the architecture and the saved widths, and is the hard network
+    pruned = s2h.load(out / "pruned.pt", lambda: train.build_model("resnet8", 10, 1, 32))
+    assert sum(p.numel() for p in pruned.parameters()) == s["params_pruned"]
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 2 and len(ck["history"]) == 2
+
+
+def _strip_times(log):
+    return [{k: v for k, v in h.items() if k not in TIME_KEYS} for h in log]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = [*QUICK, "--epochs", "3", "--mask-lr", "0.05"]
+    assert cli.main(["prune", *args, "--out", str(full)]) == 0
+    assert cli.main(["prune", *args, "--out", str(part), "--stop-after", "1"]) == 0
+    assert json.loads(json.dumps(torch.load(part / "checkpoint.pt", weights_only=False)["epoch"])) == 1
+    assert not (part / "summary.json").exists()
+    assert cli.main(["prune", *args, "--out", str(part), "--stop-after", "1", "--resume"]) == 0
+    assert cli.main(["prune", *args, "--out", str(part), "--resume"]) == 0
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert str(a["trainer"]) == str(b["trainer"])  # both optimizers' states, the step counter
+    assert a["scheduler"] == b["scheduler"]
+    assert _strip_times(_log(full)) == _strip_times(_log(part))
+    pa = torch.load(full / "pruned.pt", weights_only=True)
+    pb = torch.load(part / "pruned.pt", weights_only=True)
+    assert pa["widths"] == pb["widths"]
+    for k, v in pa["state_dict"].items():
+        assert torch.equal(v, pb["state_dict"][k]), k
+    # the masks moved during the run (the comparison is not between untouched models)
+    assert not torch.equal(a["model"]["u"], torch.zeros_like(a["model"]["u"]))
+
+
+class _NaNAfter(torch.utils.data.Dataset):
+    """Yields NaN images once ``after`` items have been read (a run that diverges mid-epoch)."""
+
+    def __init__(self, ds, after):
+        self.ds, self.after, self.reads = ds, after, 0
+        self.classes = getattr(ds, "classes", None)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        self.reads += 1
+        return (torch.full_like(x, float("nan")) if self.reads > self.after else x), y
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    load = train._load_datasets
+
+    def patched(cfg, rank):
+        tr, te, *rest = load(cfg, rank)
+        return (_NaNAfter(tr, after=5 * 32), te, *rest)  # batches 1-5 fine, batch 6 (epoch 2) NaN
+
+    monkeypatch.setattr(train, "_load_datasets", patched)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["prune", *QUICK, "--epochs", "3", "--out", str(out)])
+    assert ei.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 5 (epoch 2, batch 2/4)" in err
+    assert "last good checkpoint" in err and "after epoch 1" in err
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert [h["epoch"] for h in _log(out)] == [1]
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-classes", "5"], r"labels must be in \[0, 5\)"),
+    (["--batch-size", "1"], "batch of size 1 cannot train a model with BatchNorm"),
+    (["--data", "cifar10"], "cifar-10-batches-py"),
+])
+def test_bad_input_errors(tmp_path, capsys, extra, message):
+    import re
+
+    args = ["prune", *QUICK, "--epochs", "1", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nodata"),
+            *extra]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and re.search(message, err), err
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "abc"])
+def test_target_flops_outside_unit_interval(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["prune", *QUICK, "--out", str(tmp_path / "run"), "--target-flops", value])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "--target-flops" in err and ("(0, 1]" in err or "not a number" in err)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        train.PruneConfig(target_flops=float(value) if value != "abc" else 0.0).validate()
+
+
+def test_resume_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--resume"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--stop-after", "1"]) == 0
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--resume", "--lr", "0.3"]) == 1
+    assert "different settings for lr" in capsys.readouterr().err
+
+
+def test_presets_and_overrides():
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    cfg = train.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-resnet50"]))
+    assert (cfg.data, cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.scheduler) == \
+        ("cifar100", "resnet50", 500, 64, 0.05, 3e-4, "cosine")
+    cfg = train.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-wrn28-10", "--lr", "0.2"]))
+    assert (cfg.model, cfg.batch_size, cfg.lr, cfg.weight_decay) == ("wrn28_10", 128, 0.2, 5e-4)
+    cfg = train.config_from_args(p.parse_args(["--out", "x", "--preset", "tiny-imagenet-wrn28-10"]))
+    assert cfg.scheduler == "step" and tuple(cfg.milestones) == (100, 150) and cfg.lr == 0.2
+    cfg = train.config_from_args(p.parse_args(["--out", "x"]))
+    assert (cfg.model, cfg.data, cfg.ce_coef, cfg.gap_coef, cfg.balance) == ("resnet56", "digits", 0.5, 5.0, "paper")
+
+
+def test_lr_schedule():
+    s = train._LRSchedule("cosine", 100, 10, 10, (), 0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0)
+    assert s(55) == pytest.approx(0.5) and s(100) == pytest.approx(0.0, abs=1e-12)
+    st = train._LRSchedule("step", 100, 10, 0, (3, 6), 0.1)
+    assert (st(29), st(30), st(60)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+
+
+def test_demo_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    quick = ["--model", "resnet8", "--epochs", "1", "--dense-epochs", "1", "--max-train-samples", "128",
+             "--threads", "1", "--no-progress"]
+    assert cli.main(["demo", *quick, "--out", str(a)]) == 0
+    text = capsys.readouterr().out
+    for phrase in ("dense resnet8", "S2H soft network", "S2H hard network (exported)", "of the dense FLOPs",
+                   "CPU latency", "trajectory.png"):
+        assert phrase in text
+    assert cli.main(["demo", *quick, "--out", str(b)]) == 0
+    ra, rb = (json.loads((d / "demo.json").read_text()) for d in (a, b))
+    for k in ("dense_top1", "soft_top1", "hard_top1", "exported_top1", "hard_flops_pct", "params_pruned"):
+        assert ra[k] == rb[k], k
+    assert ra["exported_top1"] == ra["hard_top1"]
+    assert (a / "trajectory.png").is_file() and (a / "architecture.png").is_file()
