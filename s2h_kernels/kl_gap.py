@@ -357,7 +357,8 @@ def _kl_gap_backward(ctx, grad_loss, _grad_gs, _grad_gh):
         return None, None, None, None
     grad_soft, grad_hard = ctx.saved_tensors
     g = grad_loss.unsqueeze(-1).to(grad_soft.dtype)
-    return g * grad_soft, g * grad_hard, None, None
+    need_soft, need_hard = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # e.g. one side detached
+    return g * grad_soft if need_soft else None, g * grad_hard if need_hard else None, None, None
 
 
 def _ca_kld_setup(ctx, inputs, output):

@@ -523,6 +523,18 @@ def test_double_backward_raises(backend, device_for):
             g.sum().backward()
 
 
+def test_one_side_detached(backend, device_for):
+    """kl_gap(s.detach(), h) is d1 (hard gradient only); kl_gap(s, h.detach()) is d2."""
+    dev = device_for(backend)
+    s = logits((4, 9), device=dev, seed=60).requires_grad_(True)
+    h = logits((4, 9), device=dev, seed=61).requires_grad_(True)
+    _, rgs, rgh = reference.kl_gap_with_grads(s, h, 1.0)
+    s2h_kernels.kl_gap(s.detach(), h, backend=backend).backward()
+    s2h_kernels.kl_gap(s, h.detach(), backend=backend).backward()
+    torch.testing.assert_close(h.grad, rgh, **tol(torch.float32))
+    torch.testing.assert_close(s.grad, rgs, **tol(torch.float32))
+
+
 def test_retain_graph_backward_twice(backend, device_for):
     """The saved gradients are not modified in place: a retained graph gives the same result twice."""
     dev = device_for(backend)
