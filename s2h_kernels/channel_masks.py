@@ -96,6 +96,22 @@ def _channel_masks_fwd_kernel(
 
 
 @triton.jit
+def _bucket_grad_chunk(grad_w_ptr, u_ptr, start, c0, c, n, d, ge, m, s, inv_tau, carry,
+                       BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of the backward scan: p, gp = carry + cumsum of bucket gradients, and the chunk's sum."""
+    offs = tl.arange(0, BLOCK)
+    valid = c + offs < n
+    gb = tl.zeros([BLOCK], ACC)
+    for r in range(0, d):
+        gb += tl.load(grad_w_ptr + c0 + (c + offs) * d + r, mask=valid, other=0.0).to(ACC)
+    gb = tl.where(valid, gb + d * ge, 0.0)
+    gp = tl.cumsum(gb, axis=0) + carry
+    x = tl.load(u_ptr + start + c + offs, mask=valid, other=float("-inf")).to(ACC) * inv_tau
+    p = tl.where(valid, tl.exp(x - m) / s, 0.0)
+    return p, gp, tl.sum(gb, axis=0)
+
+
+@triton.jit
 def _channel_masks_bwd_kernel(
     grad_w_ptr, grad_expected_ptr, u_ptr, offsets_ptr, divisors_ptr, chan_starts_ptr, grad_u_ptr,
     inv_tau, BLOCK: tl.constexpr, ACC: tl.constexpr,
@@ -112,28 +128,17 @@ def _channel_masks_bwd_kernel(
     carry = tl.zeros([], ACC)
     dot = tl.zeros([], ACC)
     for c in range(0, n, BLOCK):
-        valid = c + offs < n
-        gb = tl.zeros([BLOCK], ACC)
-        for r in range(0, d):
-            gb += tl.load(grad_w_ptr + c0 + (c + offs) * d + r, mask=valid, other=0.0).to(ACC)
-        gb = tl.where(valid, gb + d * ge, 0.0)
-        gp = tl.cumsum(gb, axis=0) + carry
-        carry += tl.sum(gb, axis=0)
-        x = tl.load(u_ptr + start + c + offs, mask=valid, other=float("-inf")).to(ACC) * inv_tau
-        p = tl.where(valid, tl.exp(x - m) / s, 0.0)
+        p, gp, chunk_sum = _bucket_grad_chunk(grad_w_ptr, u_ptr, start, c0, c, n, d, ge, m, s, inv_tau, carry,
+                                              BLOCK, ACC)
+        carry += chunk_sum
         dot += tl.sum(p * gp, axis=0)
     # Pass 2: du = p (gp - dot) / tau.
     carry = tl.zeros([], ACC)
     for c in range(0, n, BLOCK):
         valid = c + offs < n
-        gb = tl.zeros([BLOCK], ACC)
-        for r in range(0, d):
-            gb += tl.load(grad_w_ptr + c0 + (c + offs) * d + r, mask=valid, other=0.0).to(ACC)
-        gb = tl.where(valid, gb + d * ge, 0.0)
-        gp = tl.cumsum(gb, axis=0) + carry
-        carry += tl.sum(gb, axis=0)
-        x = tl.load(u_ptr + start + c + offs, mask=valid, other=float("-inf")).to(ACC) * inv_tau
-        p = tl.where(valid, tl.exp(x - m) / s, 0.0)
+        p, gp, chunk_sum = _bucket_grad_chunk(grad_w_ptr, u_ptr, start, c0, c, n, d, ge, m, s, inv_tau, carry,
+                                              BLOCK, ACC)
+        carry += chunk_sum
         tl.store(grad_u_ptr + start + c + offs, (p * (gp - dot) * inv_tau).to(grad_u_ptr.dtype.element_ty), mask=valid)
 
 
