@@ -413,9 +413,14 @@ def _validate(op: str, n1: str, x, n2: str, y, temperature, reduction: str, back
     return resolve_backend(backend, device, op)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (rows, C); 2-D input as is (a reshape would add a view node to the graph)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
 def _reduce(op: str, loss_rows: torch.Tensor, lead_shape, classes: int, reduction: str, dtype: torch.dtype):
     if reduction == "none":
-        return loss_rows.reshape(lead_shape).to(dtype)
+        return (loss_rows if len(lead_shape) == 1 else loss_rows.reshape(lead_shape)).to(dtype)
     if reduction == "batchmean":
         total = loss_rows.mean()
     elif reduction == "mean":
@@ -468,7 +473,7 @@ def kl_gap(
     """
     chosen = _validate("kl_gap", "soft_logits", soft_logits, "hard_logits", hard_logits, temperature, reduction, backend)
     C = soft_logits.shape[-1]
-    loss_rows, _, _ = _gap_op(chosen)(soft_logits.reshape(-1, C), hard_logits.reshape(-1, C), float(temperature), 1.0)
+    loss_rows, _, _ = _gap_op(chosen)(_rows(soft_logits), _rows(hard_logits), float(temperature), 1.0)
     return _reduce("kl_gap", loss_rows, soft_logits.shape[:-1], C, reduction, soft_logits.dtype)
 
 
@@ -495,11 +500,13 @@ def kl_gap_with_grads(
     rows = soft_logits.numel() // C
     with torch.no_grad():
         loss_rows, gs, gh = _gap_op(chosen)(
-            soft_logits.detach().reshape(-1, C), hard_logits.detach().reshape(-1, C), float(temperature),
+            _rows(soft_logits.detach()), _rows(hard_logits.detach()), float(temperature),
             _grad_scale(rows, C, reduction),
         )
         loss = _reduce("kl_gap_with_grads", loss_rows, soft_logits.shape[:-1], C, reduction, soft_logits.dtype)
-    return loss, gs.reshape(soft_logits.shape), gh.reshape(hard_logits.shape)
+    if soft_logits.dim() != 2:
+        gs, gh = gs.reshape(soft_logits.shape), gh.reshape(hard_logits.shape)
+    return loss, gs, gh
 
 
 def ca_kld(
@@ -549,7 +556,7 @@ def ca_kld(
     C = student_logits.shape[-1]
     op = torch.ops.s2h.ca_kld_triton if chosen == "triton" else torch.ops.s2h.ca_kld
     loss_rows, _, _ = op(
-        student_logits.reshape(-1, C), teacher_logits.detach().reshape(-1, C), float(temperature),
+        _rows(student_logits), _rows(teacher_logits.detach()), float(temperature),
         None if gamma is None else float(gamma), bool(standardize), float(eps), 1.0,
     )
     return _reduce("ca_kld", loss_rows, student_logits.shape[:-1], C, reduction, student_logits.dtype)

@@ -107,6 +107,8 @@ def test_kl_gap_leading_dims(backend, device_for):
     torch.testing.assert_close(bm, flat.sum() / 6)
     _, gs, gh = s2h_kernels.kl_gap_with_grads(s, h, 1.0, "sum", backend=backend)
     assert gs.shape == s.shape and gh.shape == h.shape
+    one = s2h_kernels.kl_gap(s[0, 0], h[0, 0], 1.0, "none", backend=backend)  # a single (C,) row
+    assert one.shape == () and torch.allclose(one, none[0, 0])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
