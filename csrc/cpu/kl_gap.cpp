@@ -42,7 +42,8 @@ namespace k = s2h::kl;
 constexpr int kL = 16;  // lanes of online state per row
 
 // ---- row kernels ----------------------------------------------------------------------------
-// A row is swept in blocks of kL elements, lane l taking element l of every block; the last,
+// ca_kld, its standardisation and its top-1 probabilities (kl_gap's rows follow further down):
+// a row is swept in blocks of kL elements, lane l taking element l of every block; the last,
 // partial block is copied into a buffer padded with -inf, which changes no online state (it has
 // zero probability) and which Welford skips, so it runs through the same vector body. Then all
 // lanes merge at once: the row maximum, each lane's sums rescaled to it, and summed.

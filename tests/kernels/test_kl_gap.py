@@ -29,6 +29,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 NINF = float("-inf")
+# Where the Triton kernels run: CUDA when present, else the CPU under TRITON_INTERPRET=1.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def logits(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
@@ -337,6 +339,7 @@ def test_triton_multi_chunk(monkeypatch):
     """Chunks of 16 classes: the online rescaling across chunks, -inf and NaN-free tails."""
     monkeypatch.setattr(kl_mod, "MAX_BLOCK", 16)
     s, h = logits((3, 83), seed=26, scale=6.0), logits((3, 83), seed=27, scale=6.0)
+    s, h = s.to(TRITON_DEVICE), h.to(TRITON_DEVICE)
     s[0, 40:60] = NINF  # a whole chunk masked
     h[0, 40:60] = NINF
     s[1, 70] = 50.0  # the maximum arrives late: the earlier sums are rescaled
@@ -475,8 +478,9 @@ def test_ca_kld_nan_propagates(backend, device_for):
 @pytest.mark.parametrize("op_name", ["kl_gap", "kl_gap_triton"])
 def test_opcheck_kl_gap(op_name):
     op = getattr(torch.ops.s2h, op_name)
-    s = logits((3, 10), seed=42).requires_grad_(True)
-    h = logits((3, 10), seed=43).requires_grad_(True)
+    dev = TRITON_DEVICE if op_name.endswith("_triton") else "cpu"
+    s = logits((3, 10), device=dev, seed=42).requires_grad_(True)
+    h = logits((3, 10), device=dev, seed=43).requires_grad_(True)
     torch.library.opcheck(op, (s, h, 1.5, 1.0))
     torch.library.opcheck(op, (s.detach().double(), h.detach().double(), 0.5, 0.25))
 
@@ -484,8 +488,9 @@ def test_opcheck_kl_gap(op_name):
 @pytest.mark.parametrize("op_name", ["ca_kld", "ca_kld_triton"])
 def test_opcheck_ca_kld(op_name):
     op = getattr(torch.ops.s2h, op_name)
-    zs = logits((3, 10), seed=44).requires_grad_(True)
-    zt = logits((3, 10), seed=45)
+    dev = TRITON_DEVICE if op_name.endswith("_triton") else "cpu"
+    zs = logits((3, 10), device=dev, seed=44).requires_grad_(True)
+    zt = logits((3, 10), device=dev, seed=45)
     torch.library.opcheck(op, (zs, zt, 4.0, None, True, 1e-7, 1.0))
     torch.library.opcheck(op, (zs, zt, 2.0, 0.3, False, 1e-7, 0.5))
 
