@@ -102,10 +102,14 @@ KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, 
       zh += e2;
       w += k::pmul(e1, a - b);
     }
-    A f1, f2;
-    k::merge(Ms, Zs, ms, zs, f1, f2);
-    W = k::rescale_add(W, f1, w, f2);
-    k::merge(Mh, Zh, mh, zh, f1, f2);
+    if (ci == 0) {  // what merging into the empty state gives, without its exponentials
+      Ms = ms, Zs = zs, W = w, Mh = mh, Zh = zh;
+    } else {
+      A f1, f2;
+      k::merge(Ms, Zs, ms, zs, f1, f2);
+      W = k::rescale_add(W, f1, w, f2);
+      k::merge(Mh, Zh, mh, zh, f1, f2);
+    }
     cmax[2 * ci] = ms;
     cmax[2 * ci + 1] = mh;
   }
@@ -113,7 +117,10 @@ KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, 
   *loss = r.d;
   for (int64_t c0 = 0, ci = 0; c0 < C; c0 += kChunk, ++ci) {
     const int64_t n = C - c0 < kChunk ? C - c0 : kChunk;
-    const A fs = k::rescale_factor(cmax[2 * ci], Ms) / Zs, fh = k::rescale_factor(cmax[2 * ci + 1], Mh) / Zh;
+    // p = e * exp(chunk max - row max) / Zs; the chunk holding the row maximum needs no exp.
+    const A cs = cmax[2 * ci], ch = cmax[2 * ci + 1];
+    const A fs = (cs == Ms ? A(1) : k::rescale_factor(cs, Ms)) / Zs;
+    const A fh = (ch == Mh ? A(1) : k::rescale_factor(ch, Mh)) / Zh;
 #pragma omp simd
     for (int64_t i = c0; i < c0 + n; ++i) {
       const A a = static_cast<A>(s[i]) * inv_t, b = static_cast<A>(h[i]) * inv_t;
