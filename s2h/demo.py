@@ -20,8 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DEFAULTS = dict(model="resnet20", epochs=8, dense_epochs=8, batch_size=64, lr=0.1, mask_lr=0.02,
-                target_flops=0.15)
+# Tuned for a ~2-minute run on 2 cores. beta = gamma = 1 (the paper's Transformer coefficients): with
+# the CNN setting (0.5, 5) the distillation term dominates θ's early updates and a 10-epoch run on
+# digits ends near 80% (it is meant for 500 epochs). The resource loss acts on the hard network's
+# FLOPs (straight-through, as in the authors' demo): in a short run the keep probabilities are not
+# yet concentrated, and with the paper's R on the expected FLOPs the hard network ends near 17%.
+DEFAULTS = dict(model="resnet8", epochs=8, dense_epochs=8, batch_size=64, lr=0.1, mask_lr=0.02,
+                target_flops=0.15, ce_coef=1.0, gap_coef=1.0, hard_width="threshold", resource_target="hard")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--mask-lr", type=float, default=DEFAULTS["mask_lr"])
     p.add_argument("--target-flops", type=float, default=DEFAULTS["target_flops"])
+    p.add_argument("--ce-coef", type=float, default=DEFAULTS["ce_coef"], help="beta")
+    p.add_argument("--gap-coef", type=float, default=DEFAULTS["gap_coef"], help="gamma")
+    p.add_argument("--hard-width", choices=("threshold", "expected"), default=DEFAULTS["hard_width"])
+    p.add_argument("--resource-target", choices=("soft", "hard"), default=DEFAULTS["resource_target"])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--max-train-samples", type=int, default=None, help="(tests) a seeded subset of the training split")
     p.add_argument("--no-progress", action="store_true")
@@ -101,7 +110,8 @@ def main(args: argparse.Namespace) -> dict:
     cfg = PruneConfig(out=str(out), model=args.model, data="digits", image_size=32, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, mask_lr=args.mask_lr, target_flops=args.target_flops,
                       seed=args.seed, progress=progress, max_train_samples=args.max_train_samples,
-                      threads=args.threads, device="cpu")
+                      threads=args.threads, device="cpu", ce_coef=args.ce_coef, gap_coef=args.gap_coef,
+                      hard_width=args.hard_width, resource_target=args.resource_target)
     t_s2h = time.perf_counter()
     summary = run(cfg)
     t_s2h = time.perf_counter() - t_s2h

@@ -138,7 +138,7 @@ class S2HReference(_S2HStepBase):
         divisors = model.group_divisors
         kw = dict(temperature=model.temperature, divisors=divisors, hard_width=model.hard_width)
         w, _, keep = self.masks_fn(u_soft, model.group_offsets, **kw)
-        _, E, _ = self.masks_fn(u_res, model.group_offsets, **kw)
+        _, E, keep_res = self.masks_fn(u_res, model.group_offsets, **kw)
         st = model._mask_state
         st.set(w, E, keep, version=model._mask_version())
         m = self._binary_mask(keep)
@@ -152,7 +152,11 @@ class S2HReference(_S2HStepBase):
             st.w = w
             Tk = self.temperature
             l = F.cross_entropy(ys, y.long())
-            r = model.resource_loss()
+            if self.resource_target == "soft":
+                r = model.resource_loss()
+            else:  # the hard network's FLOPs, straight-through to E
+                widths = E + (keep_res.to(E.dtype) - E).detach()
+                r = (model._flops(widths).to(u.dtype) / model.dense_flops() - model.target_flops) ** 2
             d1 = F.kl_div(F.log_softmax(yh / Tk, 1), F.log_softmax(ys.detach() / Tk, 1), reduction="batchmean",
                           log_target=True)
             d2 = F.kl_div(F.log_softmax(yh.detach() / Tk, 1), F.log_softmax(ys / Tk, 1), reduction="batchmean",

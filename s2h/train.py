@@ -111,6 +111,7 @@ class PruneConfig:
     ce_coef: float = 0.5
     gap_coef: float = 5.0
     resource_coef: float = 5.0
+    resource_target: str = "soft"
     temperature: float = 1.0
     balance: str = "paper"
     ablate: Sequence[str] = ()
@@ -483,6 +484,8 @@ def plot_trajectory(history: list[dict], path, target: float | None = None, titl
     ax = fig.add_subplot(1, 1, 1)
     ep = [h["epoch"] for h in history]
     ax.plot(ep, [h["hard_flops_pct"] for h in history], "-", color="tab:blue", label="hard FLOPs")
+    ax.plot(ep, [h["soft_flops_pct"] for h in history], "--", color="tab:blue", alpha=0.5,
+            label="soft (expected) FLOPs")
     if target is not None:
         ax.axhline(100 * target, color="tab:blue", linestyle=":", alpha=0.6, label=f"target {100 * target:g}%")
     ax.set_xlabel("epoch")
@@ -577,6 +580,7 @@ def _make_optimizers(cfg: PruneConfig, model):
 def _check_resume(ck: dict, cfg: PruneConfig) -> None:
     old = ck["config"]
     keys = ("model", "data", "target_flops", "batch_size", "epochs", "seed", "lr", "scheduler", "divisor",
+            "resource_target", "ce_coef", "gap_coef",
             "hard_width", "balance", "ablate", "enable", "optimizer", "mask_optimizer", "mask_lr",
             "max_train_samples", "num_classes", "image_size")
     diff = [k for k in keys if _norm(old.get(k)) != _norm(getattr(cfg, k))]
@@ -626,7 +630,7 @@ def run(cfg: PruneConfig, resume: bool = False) -> dict:
     opt, mopt = _make_optimizers(cfg, model)
     pruner = S2HPruner(model, opt, mopt, ce_coef=cfg.ce_coef, gap_coef=cfg.gap_coef,
                        resource_coef=cfg.resource_coef, temperature=cfg.temperature, balance=cfg.balance,
-                       ablate=tuple(cfg.ablate), enable=tuple(cfg.enable))
+                       ablate=tuple(cfg.ablate), enable=tuple(cfg.enable), resource_target=cfg.resource_target)
     steps_per_epoch = len(train_ds) // cfg.batch_size
     sched_fn = _LRSchedule(cfg.scheduler, cfg.epochs * steps_per_epoch, steps_per_epoch,
                            int(round(cfg.warmup_epochs * steps_per_epoch)), cfg.milestones, cfg.lr_gamma)
@@ -859,6 +863,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--ce-coef", type=float, default=None, help="beta (0.5 for CNNs, 1 for Transformers)")
     s.add_argument("--gap-coef", type=float, default=None, help="gamma (5 for CNNs, 1 for Transformers)")
     s.add_argument("--resource-coef", type=float, default=5.0)
+    s.add_argument("--resource-target", choices=("soft", "hard"), default="soft",
+                   help="R on the expected FLOPs (soft, the paper) or on the hard network's FLOPs with a "
+                        "straight-through gradient (hard, the authors' demo)")
     s.add_argument("--temperature", type=float, default=1.0, help="T of the gap's softmaxes")
     s.add_argument("--balance", choices=BALANCES, default="paper")
     s.add_argument("--ablate", nargs="*", choices=TERMS, default=[], help="gradient terms to disable (Table 5)")

@@ -69,6 +69,7 @@ __all__ = ["S2HPruner", "NonFiniteLossError", "TERMS", "TABLE5", "BALANCES", "re
 TERMS = ("L_theta", "G_hard_theta", "G_soft_theta", "L_u", "G_u")
 DEFAULT_OFF = ("G_soft_theta",)
 BALANCES = ("paper", "paper-global", "none")
+RESOURCE_TARGETS = ("soft", "hard")
 
 #: Rows of the paper's Table 5 (ResNet-50, CIFAR-100, 15% FLOPs): which terms are on, and the
 #: top-1 the paper reports. Pass ``ablate=row["ablate"], enable=row["enable"]``.
@@ -127,7 +128,7 @@ class _S2HStepBase:
                  mask_optimizer: torch.optim.Optimizer | None = None, mask_lr: float = 0.01,
                  ce_coef: float = 0.5, gap_coef: float = 5.0, resource_coef: float = 5.0,
                  temperature: float = 1.0, balance: str = "paper", ablate: Sequence[str] = (), *,
-                 enable: Sequence[str] = (), check_finite: bool = True):
+                 enable: Sequence[str] = (), check_finite: bool = True, resource_target: str = "soft"):
         name = type(self).__name__
         if not isinstance(model, S2HModel):
             raise TypeError(f"{name}: model must be an S2HModel from s2h.convert, got {type(model).__name__}")
@@ -161,6 +162,9 @@ class _S2HStepBase:
             raise ValueError(f"{name}: mask_optimizer does not hold model.u (use model.mask_parameters())")
         self.mask_optimizer = mask_optimizer
         self.check_finite = bool(check_finite)
+        if resource_target not in RESOURCE_TARGETS:
+            raise ValueError(f"{name}: resource_target must be one of {RESOURCE_TARGETS}, got {resource_target!r}")
+        self.resource_target = resource_target
         self.num_steps = 0
         self._weights = [p for p in model.weight_parameters()]
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -189,6 +193,16 @@ class _S2HStepBase:
             lo, hi = int(y.min()), int(y.max())
             raise ValueError(f"{type(self).__name__}.step: labels must be in [0, {classes}) for a model with {classes} "
                              f"outputs; got labels in [{lo}, {hi}]")
+
+    def _resource_loss(self, E: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """R = (F/F_dense − T)². "soft": F = F(E) (the paper). "hard": F = the hard network's FLOPs
+        F(k) with a straight-through gradient to E (the authors' demo), so the budget binds the
+        network that is exported rather than its expectation."""
+        model = self.model
+        if self.resource_target == "soft":
+            return model.resource_loss()
+        widths = E + (keep.to(E.dtype) - E).detach()
+        return (model._flops(widths).to(model.u.dtype) / model.dense_flops() - model.target_flops) ** 2
 
     def _raise_nonfinite(self, what: dict[str, float]) -> None:
         step = self.num_steps
@@ -262,7 +276,13 @@ class S2HPruner(_S2HStepBase):
         ddp: wrap the network in DistributedDataParallel; default: when torch.distributed is
             initialised with more than one process.
         cuda_streams: run the hard branch on a second CUDA stream (CUDA inputs only).
+        hard_channels_last: run the hard (sliced) branch on a channels-last copy of a 4-D input;
+            default: on the CPU. oneDNN's NCHW kernels are slow for narrow convolutions (an 8-channel
+            32x32 conv's forward+backward costs more than the 16-channel one's), channels-last ones
+            are not; the soft branch keeps the input's layout.
         check_finite: raise :class:`NonFiniteLossError` (before updating anything) on a NaN/inf loss.
+        resource_target: "soft" (the paper: R on the expected FLOPs F(E)) or "hard" (R on the hard
+            network's FLOPs, straight-through to E, as in the authors' demo).
     """
 
     def __init__(self, model: S2HModel, optimizer: torch.optim.Optimizer,
@@ -271,9 +291,10 @@ class S2HPruner(_S2HStepBase):
                  temperature: float = 1.0, balance: str = "paper", ablate: Sequence[str] = (), *,
                  enable: Sequence[str] = (), ddp: bool | None = None, cuda_streams: bool = True,
                  hard_channels_last: bool | None = None, check_finite: bool = True,
-                 ddp_kwargs: dict | None = None):
+                 resource_target: str = "soft", ddp_kwargs: dict | None = None):
         super().__init__(model, optimizer, mask_optimizer, mask_lr, ce_coef, gap_coef, resource_coef,
-                         temperature, balance, ablate, enable=enable, check_finite=check_finite)
+                         temperature, balance, ablate, enable=enable, check_finite=check_finite,
+                         resource_target=resource_target)
         from s2h_kernels import kl_gap_with_grads
 
         self._kl_gap_with_grads = kl_gap_with_grads
@@ -390,6 +411,7 @@ class S2HPruner(_S2HStepBase):
             else:
                 with torch.set_grad_enabled(soft_grad), branch("soft"):
                     ys = net(x)
+                self._tick("soft_forward")
                 xh = x
                 if self._hard_cl(x):
                     xh = x.contiguous(memory_format=torch.channels_last)
@@ -407,7 +429,7 @@ class S2HPruner(_S2HStepBase):
             gap, g_soft, g_hard = self._kl_gap_with_grads(ysd, yh.detach(), self.temperature, "batchmean")
             logp = F.log_softmax(ysd if ysd.dtype in (torch.float32, torch.float64) else ysd.float(), dim=1)
             loss = F.nll_loss(logp, y)
-            r = model.resource_loss()
+            r = self._resource_loss(E, keep)
             with torch.no_grad():
                 B = ys.shape[0]
                 hard_keep = keep.to(E.dtype)

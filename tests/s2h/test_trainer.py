@@ -209,6 +209,33 @@ def test_fp32_step_criterion_detects_a_wrong_term():
         _assert_step_close(fused_m, ref_m, before)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "resnet56"])
+def test_hard_resource_target_matches_reference_fp64(kind):
+    """resource_target="hard" (R on the hard network's FLOPs, straight-through): same check as above."""
+    base = _model(kind, torch.float64)
+    ms = []
+    for cls in (S2HPruner, S2HReference):
+        m = copy.deepcopy(base)
+        tr = _trainer(cls, m, resource_target="hard")
+        for x, y in _batches(kind, 5, torch.float64):
+            tr.step(x, y)
+        ms.append(m)
+    _assert_models_close(ms[0], ms[1], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", ["soft", "hard"])
+def test_resource_target_binds_soft_or_hard_flops(target):
+    """R on the expected FLOPs drives the soft FLOPs to T; on the hard FLOPs (STE), the hard ones."""
+    m = _model("mlp", torch.float32)
+    with torch.no_grad():
+        m.u.zero_()
+    tr = _trainer(S2HPruner, m, row=TABLE5[6], lr=0.01, mask_lr=5.0, resource_target=target)
+    g = torch.Generator().manual_seed(0)
+    outs = [tr.step(torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(150)]
+    key = "soft_flops" if target == "soft" else "hard_flops"
+    assert abs(sum(o[key] for o in outs[-20:]) / 20 - m.target_flops) < 0.04
+
+
 def test_comparison_detects_a_wrong_term():
     """Negative control: the same comparison fails for a different ablation row or coefficient."""
     dt = torch.float64
