@@ -8,12 +8,17 @@ import sys
 
 import torch
 
+# CPU-only by design: on CUDA the sparse conv runs as F.unfold + s2h::spmm (s2h_kernels/spmm.py).
+CPU_ONLY = {"s2h::spmm_conv2d"}
+
 torch.ops.load_library(sys.argv[1])
 ops = sorted(
     name for name in torch._C._dispatch_get_all_op_names() if name.startswith("s2h::") and "triton" not in name
 )
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+missing = [
+    op for op in ops if op not in CPU_ONLY and not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+]
 print(f"{len(ops)} s2h ops: {', '.join(ops)}")
 if missing:
     raise SystemExit(f"ops without a CUDA kernel: {missing}")
-print("every C++ op has a CUDA kernel")
+print(f"every C++ op has a CUDA kernel (CPU-only by design: {sorted(CPU_ONLY)})")
