@@ -77,23 +77,41 @@ KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, 
   A* const es = kInPlace ? reinterpret_cast<A*>(gs) : scratch;
   A* const eh = kInPlace ? reinterpret_cast<A*>(gh) : scratch + C;
   A* const cmax = kInPlace ? scratch : scratch + 2 * C;
+  // Each chunk: nf elements in whole vectors, then a tail of n - nf < kL elements copied into
+  // buffers padded with -inf (zero probability: no effect on maxima or sums), so no loop ends in
+  // scalar iterations of the exponential.
+  T sp[kL], hp[kL];
+  A ep1[kL], ep2[kL];
   A Ms = k::neg_inf<A>(), Zs = 0, W = 0, Mh = k::neg_inf<A>(), Zh = 0;
   for (int64_t c0 = 0, ci = 0; c0 < C; c0 += kChunk, ++ci) {
     const int64_t n = C - c0 < kChunk ? C - c0 : kChunk;
+    const int64_t nf = n - n % kL;
     const T* __restrict sc = s + c0;
     const T* __restrict hc = h + c0;
+    if (nf < n) {
+      pad_tail(sc + nf, n - nf, sp);
+      pad_tail(hc + nf, n - nf, hp);
+    }
     A ms = k::neg_inf<A>(), mh = k::neg_inf<A>();
 #pragma omp simd reduction(max : ms, mh)
-    for (int64_t i = 0; i < n; ++i) {  // NaN is skipped here; it reaches the sums through exp(NaN)
+    for (int64_t i = 0; i < nf; ++i) {  // NaN is skipped here; it reaches the sums through exp(NaN)
       const A a = static_cast<A>(sc[i]) * inv_t, b = static_cast<A>(hc[i]) * inv_t;
       ms = a > ms ? a : ms;
       mh = b > mh ? b : mh;
+    }
+    if (nf < n) {
+#pragma omp simd reduction(max : ms, mh)
+      for (int l = 0; l < kL; ++l) {
+        const A a = static_cast<A>(sp[l]) * inv_t, b = static_cast<A>(hp[l]) * inv_t;
+        ms = a > ms ? a : ms;
+        mh = b > mh ? b : mh;
+      }
     }
     // A chunk of -inf only: shift by 0, every exponential is exp(-inf) = 0.
     const A shs = ms == k::neg_inf<A>() ? A(0) : ms, shh = mh == k::neg_inf<A>() ? A(0) : mh;
     A zs = 0, zh = 0, w = 0;
 #pragma omp simd reduction(+ : zs, zh, w)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < nf; ++i) {
       const A a = static_cast<A>(sc[i]) * inv_t, b = static_cast<A>(hc[i]) * inv_t;
       const A e1 = k::kexp(a - shs), e2 = k::kexp(b - shh);
       es[c0 + i] = e1;
@@ -101,6 +119,22 @@ KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, 
       zs += e1;
       zh += e2;
       w += k::pmul(e1, a - b);
+    }
+    if (nf < n) {
+#pragma omp simd reduction(+ : zs, zh, w)
+      for (int l = 0; l < kL; ++l) {
+        const A a = static_cast<A>(sp[l]) * inv_t, b = static_cast<A>(hp[l]) * inv_t;
+        const A e1 = k::kexp(a - shs), e2 = k::kexp(b - shh);
+        ep1[l] = e1;
+        ep2[l] = e2;
+        zs += e1;
+        zh += e2;
+        w += k::pmul(e1, a - b);
+      }
+      for (int64_t l = 0; l < n - nf; ++l) {
+        es[c0 + nf + l] = ep1[l];
+        eh[c0 + nf + l] = ep2[l];
+      }
     }
     if (ci == 0) {  // what merging into the empty state gives, without its exponentials
       Ms = ms, Zs = zs, W = w, Mh = mh, Zh = zh;
@@ -117,18 +151,41 @@ KL_INLINE void gap_row(const T* __restrict s, const T* __restrict h, int64_t C, 
   *loss = r.d;
   for (int64_t c0 = 0, ci = 0; c0 < C; c0 += kChunk, ++ci) {
     const int64_t n = C - c0 < kChunk ? C - c0 : kChunk;
+    const int64_t nf = n - n % kL;
     // p = e * exp(chunk max - row max) / Zs; the chunk holding the row maximum needs no exp.
     const A cs = cmax[2 * ci], ch = cmax[2 * ci + 1];
     const A fs = (cs == Ms ? A(1) : k::rescale_factor(cs, Ms)) / Zs;
     const A fh = (ch == Mh ? A(1) : k::rescale_factor(ch, Mh)) / Zh;
 #pragma omp simd
-    for (int64_t i = c0; i < c0 + n; ++i) {
+    for (int64_t i = c0; i < c0 + nf; ++i) {
       const A a = static_cast<A>(s[i]) * inv_t, b = static_cast<A>(h[i]) * inv_t;
-      const A ls = k::log_softmax(r.ls, a), lh = k::log_softmax(r.lh, b);
       A g1, g2;
-      k::gap_grads_pq(ls, lh, es[i] * fs, eh[i] * fh, r.d, gscale, g1, g2);
+      k::gap_grads_pq(k::log_softmax(r.ls, a), k::log_softmax(r.lh, b), es[i] * fs, eh[i] * fh, r.d, gscale, g1, g2);
       gs[i] = static_cast<T>(g1);
       gh[i] = static_cast<T>(g2);
+    }
+    if (nf < n) {
+      const int64_t t0 = c0 + nf, nt = n - nf;
+      pad_tail(s + t0, nt, sp);
+      pad_tail(h + t0, nt, hp);
+      for (int l = 0; l < kL; ++l) {  // the kept exponentials of the tail; 0 (probability 0) beyond it
+        ep1[l] = l < nt ? es[t0 + l] : A(0);
+        ep2[l] = l < nt ? eh[t0 + l] : A(0);
+      }
+      T g1p[kL], g2p[kL];
+#pragma omp simd
+      for (int l = 0; l < kL; ++l) {
+        const A a = static_cast<A>(sp[l]) * inv_t, b = static_cast<A>(hp[l]) * inv_t;
+        A g1, g2;
+        k::gap_grads_pq(k::log_softmax(r.ls, a), k::log_softmax(r.lh, b), ep1[l] * fs, ep2[l] * fh, r.d, gscale,
+                        g1, g2);
+        g1p[l] = static_cast<T>(g1);
+        g2p[l] = static_cast<T>(g2);
+      }
+      for (int64_t l = 0; l < nt; ++l) {
+        gs[t0 + l] = g1p[l];
+        gh[t0 + l] = g2p[l];
+      }
     }
   }
 }
