@@ -60,15 +60,15 @@ def variants(state: str, channels_last: bool):
     return out, f
 
 
-def measure(fns: dict, rounds: int) -> dict:
+def measure(fns: dict, rounds: int, clock) -> dict:
     for fn in fns.values():  # warm-up
         fn()
     ts = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            ts[k].append(time.perf_counter() - t0)
+            ts[k].append(clock() - t0)
     return {k: (min(v), statistics.median(v)) for k, v in ts.items()}
 
 
@@ -79,7 +79,9 @@ def main() -> None:
     ap.add_argument("--no-malloc-tune", action="store_true")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--out", default=None, help="append a markdown section to this file")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     tuned = False if args.no_malloc_tune else tune_cpu_allocator()
     lines = []
@@ -89,21 +91,26 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines.append(f"### {args.threads} threads, allocator tuning {'on' if tuned else 'off'}, {args.rounds} rounds\n")
+    lines.append(f"### {args.threads} thread(s), {args.clock} clock, allocator tuning {'on' if tuned else 'off'}, "
+                 f"{args.rounds} rounds\n")
     lines.append(f"{cpu}; torch {torch.__version__}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
                  f"load average at start {load:.1f} (shared machine)\n")
-    lines.append("| state | step | min (s) | median (s) | min vs dense | reference / this (min) |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(f"clock: {args.clock} time per step (cpu: process CPU time, all threads)\n")
+    lines.append("| state | step | min (s) | median (s) | vs dense (min) | vs dense (median) | "
+                 "reference / this (min) | reference / this (median) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for state in ("init", "flops15"):
-        for cl in ([False] if args.no_channels_last else [False, True]):
-            fns, f = variants(state, cl)
-            res = measure(fns, args.rounds)
-            dense_key = next(k for k in res if k.startswith("dense"))
-            ref_key = next(k for k in res if k.startswith("reference"))
-            for k, (mn, md) in res.items():
-                lines.append(f"| {state} ({100 * f:.0f}% hard FLOPs) | {k} | {mn:.3f} | {md:.3f} | "
-                             f"{mn / res[dense_key][0]:.2f}x | {res[ref_key][0] / mn:.2f}x |")
-            print("\n".join(lines[-len(res):]), flush=True)
+        fns, f = variants(state, False)
+        if not args.no_channels_last:  # measured in the same round-robin, so the load hits both alike
+            fns.update(variants(state, True)[0])
+        res = measure(fns, args.rounds, clock)
+        n0 = len(lines)
+        for k, (mn, md) in res.items():
+            tag = " (channels-last)" if k.endswith("(channels-last)") else ""
+            d, r = res["dense" + tag], res["reference" + tag]
+            lines.append(f"| {state} ({100 * f:.0f}% hard FLOPs) | {k} | {mn:.3f} | {md:.3f} | "
+                         f"{mn / d[0]:.2f}x | {md / d[1]:.2f}x | {r[0] / mn:.2f}x | {r[1] / md:.2f}x |")
+        print("\n".join(lines[n0:]), flush=True)
     text = "\n".join(lines) + "\n\n"
     print(text)
     if args.out:
