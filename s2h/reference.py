@@ -142,10 +142,15 @@ class S2HReference(_S2HStepBase):
         st = model._mask_state
         st.set(w, E, keep, version=model._mask_version())
         m = self._binary_mask(keep)
+        snap = self._snapshot_stats()
         try:
             with branch("soft"):
                 ys = net(x)                                  # θ⊙w
-            self._check_labels(y, ys.shape[1])
+            try:
+                self._check_labels(y, ys.shape[1])
+            except ValueError:
+                self._restore_stats(snap)
+                raise
             st.w = m
             with self._hard_statistics(m), branch("soft"):
                 yh = net(x)                                  # θ⊙m, full width
@@ -163,6 +168,7 @@ class S2HReference(_S2HStepBase):
                           log_target=True)
             vals = [float(l.detach()), float(d2.detach()), float(r.detach())]
             if self.check_finite and not all(math.isfinite(v) for v in vals):
+                self._restore_stats(snap)
                 self._raise_nonfinite({"loss": vals[0], "gap": vals[1], "resource_loss": vals[2]})
 
             (l + r).backward(retain_graph=True)

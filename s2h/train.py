@@ -30,7 +30,6 @@ message says where to put it; nothing is downloaded unless ``--download`` is giv
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math

@@ -54,7 +54,6 @@ single process on the combined batch would: masks and their optimizer state stay
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -168,6 +167,9 @@ class _S2HStepBase:
         self.num_steps = 0
         self._weights = [p for p in model.weight_parameters()]
         self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        # running statistics the forwards update: restored when a step is rejected (bad labels, NaN)
+        self._stat_buffers = [b for n, b in model.named_buffers()
+                              if n.rsplit(".", 1)[-1].startswith(("running_", "num_batches_tracked"))]
         offs = model.group_offsets.tolist()
         self._group_slices = [(offs[i], offs[i + 1]) for i in range(len(offs) - 1)]
 
@@ -204,10 +206,19 @@ class _S2HStepBase:
         widths = E + (keep.to(E.dtype) - E).detach()
         return (model._flops(widths).to(model.u.dtype) / model.dense_flops() - model.target_flops) ** 2
 
+    def _snapshot_stats(self) -> list[torch.Tensor]:
+        return [b.detach().clone() for b in self._stat_buffers]
+
+    def _restore_stats(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for b, v in zip(self._stat_buffers, snap):
+                b.data.copy_(v)  # .data: a graph may still hold these buffers
+
     def _raise_nonfinite(self, what: dict[str, float]) -> None:
         step = self.num_steps
         vals = ", ".join(f"{k}={v}" for k, v in what.items())
-        raise NonFiniteLossError(f"non-finite loss at step {step} ({vals}); no parameter was updated", step)
+        raise NonFiniteLossError(f"non-finite loss at step {step} ({vals}); nothing was updated (parameters, "
+                                 "masks, optimizer states and BatchNorm statistics are as before the step)", step)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -275,7 +286,8 @@ class S2HPruner(_S2HStepBase):
             through the soft network.
         ddp: wrap the network in DistributedDataParallel; default: when torch.distributed is
             initialised with more than one process.
-        cuda_streams: run the hard branch on a second CUDA stream (CUDA inputs only).
+        cuda_streams: run the hard branch on a second CUDA stream (CUDA inputs only; not under DDP,
+            whose buffer broadcasts and gradient hooks assume one stream).
         hard_channels_last: run the hard (sliced) branch on a channels-last copy of a 4-D input;
             default: on the CPU. oneDNN's NCHW kernels are slow for narrow convolutions (an 8-channel
             32x32 conv's forward+backward costs more than the 16-channel one's), channels-last ones
@@ -393,10 +405,11 @@ class S2HPruner(_S2HStepBase):
         st = model._mask_state
         w_leaf = w.detach().requires_grad_(mask_soft)
         st.w = w_leaf
+        snap = self._snapshot_stats()
         try:
             self._tick("masks")
             # 2. soft and hard forwards (hard on a side stream on CUDA)
-            if x.is_cuda and self.cuda_streams:
+            if x.is_cuda and self.cuda_streams and not self.ddp:
                 cur = torch.cuda.current_stream(x.device)
                 side = self._side_stream(x.device)
                 side.wait_stream(cur)
@@ -420,7 +433,11 @@ class S2HPruner(_S2HStepBase):
             if ys.dim() != 2:
                 raise ValueError(f"S2HPruner.step: the model must return (batch, classes) logits, got {tuple(ys.shape)}")
             classes = ys.shape[1]
-            self._check_labels(y, classes)
+            try:
+                self._check_labels(y, classes)
+            except ValueError:
+                self._restore_stats(snap)
+                raise
             y = y.long()
 
             self._tick("forward")
@@ -440,7 +457,9 @@ class S2HPruner(_S2HStepBase):
                     model._flops(hard_keep).double() / model.dense_flops(),
                 ]).tolist()
             if self.check_finite and not all(math.isfinite(v) for v in stats[:3]):
+                self._restore_stats(snap)
                 self._raise_nonfinite({"loss": stats[0], "gap": stats[1], "resource_loss": stats[2]})
+            del snap
             with torch.no_grad():
                 g_ce = logp.exp()
                 g_ce[torch.arange(B, device=y.device), y] -= 1.0

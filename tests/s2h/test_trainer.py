@@ -410,16 +410,22 @@ def test_optimizer_must_not_hold_the_masks():
         S2HPruner(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
 
 
+@pytest.mark.parametrize("kind", ["mlp", "resnet56"])
 @pytest.mark.parametrize("cls", [S2HPruner, S2HReference])
-def test_labels_out_of_range(cls):
-    m = _model("mlp", torch.float32)
+def test_labels_out_of_range(cls, kind):
+    m = _model(kind, torch.float32)
     tr = _trainer(cls, m)
-    x = torch.randn(4, 12)
+    x = _batches(kind, 1, torch.float32)[0][0]
+    n_cls = 5 if kind == "mlp" else 10
     before = copy.deepcopy(m.state_dict())
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\).*\[0, 7\]"):
-        tr.step(x, torch.tensor([0, 1, 7, 2]))
+    b = x.shape[0]
+    bad = torch.zeros(b, dtype=torch.long)
+    bad[1] = n_cls + 2
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {n_cls}\).*\[0, {n_cls + 2}\]"):
+        tr.step(x, bad)
+    bad[1] = -1
     with pytest.raises(ValueError, match="labels must be in"):
-        tr.step(x, torch.tensor([0, -1, 3, 2]))
+        tr.step(x, bad)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -444,11 +450,13 @@ def test_bad_batch_shapes():
         tr.step(torch.randn(4, 12), torch.randn(4))
 
 
+@pytest.mark.parametrize("kind", ["mlp", "resnet56"])
 @pytest.mark.parametrize("cls", [S2HPruner, S2HReference])
-def test_nan_loss_raises_before_any_update(cls):
-    m = _model("mlp", torch.float32)
+def test_nan_loss_raises_before_any_update(cls, kind):
+    """Nothing changes: parameters, u, optimizer states, and the BN statistics the forwards touched."""
+    m = _model(kind, torch.float32)
     tr = _trainer(cls, m)
-    x, y = _batches("mlp", 1, torch.float32)[0]
+    x, y = _batches(kind, 1, torch.float32)[0]
     tr.step(x, y)
     before = copy.deepcopy(m.state_dict())
     opt_before = copy.deepcopy(tr.state_dict())
