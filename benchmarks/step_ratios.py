@@ -3,9 +3,9 @@
     OMP_WAIT_POLICY=passive python benchmarks/step_ratios.py --rounds 7 --out benchmarks/results/step_cpu.md
 
 Round-robin over the variants (so load from other processes hits all of them alike), min and median
-over rounds. Variants: the dense step, S2HReference, S2HPruner (default: hard branch in
-channels-last on the CPU), S2HPruner with the hard branch in NCHW, and all three again with the
-model and input in channels-last. ``--no-malloc-tune`` leaves glibc's trimming on (see
+over rounds. Variants: the dense step, S2HReference, S2HPruner, S2HPruner with the hard branch in
+channels-last (``hard_channels_last=True``), and all three again with the model and input in
+channels-last. ``--no-malloc-tune`` leaves glibc's trimming on (see
 ``s2h.train.tune_cpu_allocator``).
 """
 from __future__ import annotations
@@ -55,8 +55,8 @@ def variants(state: str, channels_last: bool):
     fused = _trainer(S2HPruner, copy.deepcopy(model))
     out = {"dense" + tag: dense, "reference" + tag: lambda: ref.step(x, y), "fused" + tag: lambda: fused.step(x, y)}
     if not channels_last:
-        fused_nchw = _trainer(S2HPruner, copy.deepcopy(model), hard_channels_last=False)
-        out["fused, hard branch NCHW"] = lambda: fused_nchw.step(x, y)
+        fused_cl = _trainer(S2HPruner, copy.deepcopy(model), hard_channels_last=True)
+        out["fused, hard branch channels-last"] = lambda: fused_cl.step(x, y)
     return out, f
 
 

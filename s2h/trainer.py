@@ -288,10 +288,11 @@ class S2HPruner(_S2HStepBase):
             initialised with more than one process.
         cuda_streams: run the hard branch on a second CUDA stream (CUDA inputs only; not under DDP,
             whose buffer broadcasts and gradient hooks assume one stream).
-        hard_channels_last: run the hard (sliced) branch on a channels-last copy of a 4-D input;
-            default: on the CPU. oneDNN's NCHW kernels are slow for narrow convolutions (an 8-channel
-            32x32 conv's forward+backward costs more than the 16-channel one's), channels-last ones
-            are not; the soft branch keeps the input's layout.
+        hard_channels_last: run the hard (sliced) branch on a channels-last copy of a 4-D input
+            (the soft branch keeps the input's layout). oneDNN's NCHW kernels are slow for narrow
+            convolutions in isolation (an 8-channel 32x32 conv's forward+backward costs more than the
+            16-channel one's, channels-last 2.4x less), but over a whole ResNet-56 step it was a wash
+            on 1 thread and slower on 2 (benchmarks/results/step_cpu.md), so it is off by default.
         check_finite: raise :class:`NonFiniteLossError` (before updating anything) on a NaN/inf loss.
         resource_target: "soft" (the paper: R on the expected FLOPs F(E)) or "hard" (R on the hard
             network's FLOPs, straight-through to E, as in the authors' demo).
@@ -302,7 +303,7 @@ class S2HPruner(_S2HStepBase):
                  ce_coef: float = 0.5, gap_coef: float = 5.0, resource_coef: float = 5.0,
                  temperature: float = 1.0, balance: str = "paper", ablate: Sequence[str] = (), *,
                  enable: Sequence[str] = (), ddp: bool | None = None, cuda_streams: bool = True,
-                 hard_channels_last: bool | None = None, check_finite: bool = True,
+                 hard_channels_last: bool = False, check_finite: bool = True,
                  resource_target: str = "soft", ddp_kwargs: dict | None = None):
         super().__init__(model, optimizer, mask_optimizer, mask_lr, ce_coef, gap_coef, resource_coef,
                          temperature, balance, ablate, enable=enable, check_finite=check_finite,
@@ -356,11 +357,7 @@ class S2HPruner(_S2HStepBase):
         t["_last"] = now
 
     def _hard_cl(self, x: torch.Tensor) -> bool:
-        if x.dim() != 4:
-            return False
-        if self.hard_channels_last is None:
-            return not x.is_cuda
-        return bool(self.hard_channels_last)
+        return bool(self.hard_channels_last) and x.dim() == 4
 
     def _side_stream(self, device):
         s = self._side.get(device)
