@@ -2,7 +2,8 @@
 
 scikit-learn's bundled digits (1,797 real 8x8 handwritten digits) upscaled to 32x32; a small
 CIFAR-style ResNet; S2HPruner to 15% of the dense FLOPs in one stage (``python -m s2h prune``'s
-loop); a dense baseline trained on the same data with the same schedule. It prints the dense, soft
+loop); a dense baseline trained on the same data with the same optimiser and LR schedule (8 epochs,
+where it has converged). It prints the dense, soft
 and hard top-1, the hard FLOPs, and the exported model's CPU latency against the dense one, and
 writes ``trajectory.png``, ``architecture.png``, ``log.jsonl``, ``pruned.pt``, ``summary.json``
 (the prune run's) and ``demo.json`` into ``--out``. Deterministic for a given ``--seed`` (every
