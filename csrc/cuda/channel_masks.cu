@@ -26,6 +26,11 @@ struct MaxOp {
 };
 
 template <typename acc_t>
+struct SumOp {
+  __device__ acc_t operator()(acc_t a, acc_t b) const { return a + b; }
+};
+
+template <typename acc_t>
 struct Shared {
   union {
     typename cub::BlockReduce<acc_t, kThreads>::TempStorage reduce;
@@ -35,24 +40,26 @@ struct Shared {
   acc_t bcast;
 };
 
+// Block-wide reduction of one value per thread; every thread gets the result.
+template <typename acc_t, typename Op>
+__device__ acc_t block_all_reduce(acc_t local, Op op, Shared<acc_t>& sh) {
+  const acc_t r = cub::BlockReduce<acc_t, kThreads>(sh.reduce).Reduce(local, op);
+  if (threadIdx.x == 0) sh.bcast = r;
+  __syncthreads();
+  const acc_t all = sh.bcast;
+  __syncthreads();
+  return all;
+}
+
 // Block-wide max and sum of exp over the group's scaled logits.
 template <typename scalar_t, typename acc_t>
 __device__ void softmax_stats(const scalar_t* u, int64_t n, acc_t inv_tau, Shared<acc_t>& sh, acc_t& m, acc_t& s) {
-  using Reduce = cub::BlockReduce<acc_t, kThreads>;
   acc_t local = -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) local = max(local, acc_t(u[j]) * inv_tau);
-  acc_t r = Reduce(sh.reduce).Reduce(local, MaxOp<acc_t>());
-  if (threadIdx.x == 0) sh.bcast = r;
-  __syncthreads();
-  m = sh.bcast;
-  __syncthreads();
+  m = block_all_reduce(local, MaxOp<acc_t>(), sh);
   local = 0;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) local += exp(acc_t(u[j]) * inv_tau - m);
-  r = Reduce(sh.reduce).Sum(local);
-  if (threadIdx.x == 0) sh.bcast = r;
-  __syncthreads();
-  s = sh.bcast;
-  __syncthreads();
+  s = block_all_reduce(local, SumOp<acc_t>(), sh);
 }
 
 // Group g's first channel: sum over earlier groups of buckets * divisor (G is small; this saves
@@ -74,7 +81,6 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
     scalar_t* __restrict__ w_all, scalar_t* __restrict__ expected,
     int64_t* __restrict__ keep, acc_t inv_tau, int64_t mode) {
   using Scan = cub::BlockScan<acc_t, kThreads>;
-  using Reduce = cub::BlockReduce<acc_t, kThreads>;
   using Count = cub::BlockReduce<int64_t, kThreads>;
   __shared__ Shared<acc_t> sh;
   const int64_t g = blockIdx.x;
@@ -112,12 +118,8 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
       }
     }
     if (pass == 0) {
-      const acc_t total = Reduce(sh.reduce).Sum(local_w);
-      if (threadIdx.x == 0) sh.bcast = total;
-      __syncthreads();
-      sum_w = sh.bcast;
+      sum_w = block_all_reduce(local_w, SumOp<acc_t>(), sh);
       mean_w = sum_w / acc_t(n);
-      __syncthreads();
     } else {
       above = Count(sh.count).Sum(local_above);
     }
@@ -134,7 +136,6 @@ __global__ void __launch_bounds__(kThreads) channel_masks_bwd_kernel(
     const scalar_t* __restrict__ u_all, const int64_t* __restrict__ offsets, const int64_t* __restrict__ divisors,
     scalar_t* __restrict__ grad_u_all, acc_t inv_tau) {
   using Scan = cub::BlockScan<acc_t, kThreads>;
-  using Reduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ Shared<acc_t> sh;
   const int64_t g = blockIdx.x;
   const int64_t n = offsets[g + 1] - offsets[g];
@@ -172,11 +173,7 @@ __global__ void __launch_bounds__(kThreads) channel_masks_bwd_kernel(
       }
     }
     if (pass == 0) {
-      const acc_t total = Reduce(sh.reduce).Sum(local_dot);
-      if (threadIdx.x == 0) sh.bcast = total;
-      __syncthreads();
-      dot = sh.bcast;
-      __syncthreads();
+      dot = block_all_reduce(local_dot, SumOp<acc_t>(), sh);
     }
   }
 }
