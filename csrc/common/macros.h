@@ -7,3 +7,11 @@
 #else
 #define S2H_HD inline
 #endif
+
+// S2H_HD, and always inlined on the host: vectorised CPU loops need every call in them inlined,
+// and GCC's heuristics give up on these inside the per-ISA (target_clones) functions.
+#if defined(__CUDACC__)
+#define S2H_HD_INLINE S2H_HD
+#else
+#define S2H_HD_INLINE S2H_HD __attribute__((always_inline))
+#endif

@@ -8,13 +8,14 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/channel_masks.h"
+#include "common/fast_exp.h"
 
 namespace s2h {
 namespace {
@@ -55,99 +56,164 @@ std::vector<int64_t> channel_starts(const at::Tensor& u, const at::Tensor& offse
   return starts;
 }
 
-// exp(x - m) for a row, into out, returning the sum. The float version is a Cephes-style
-// polynomial (relative error about 1e-7) written branch-free so the compiler vectorises it
-// (an AVX2 clone is chosen at run time; -fno-trapping-math lets the selects if-convert); libm's
-// expf is a scalar call per element and was most of this op's time. NaN stays NaN, -inf gives 0.
-__attribute__((target_clones("avx2", "default")))
-float exp_shifted_sum(const float* __restrict x, float m, float* __restrict out, int64_t n) {
-  float sum = 0.f;
+// The per-group passes, written as plain loops the compiler vectorises: `omp simd` reductions
+// and scans (OpenMP 5 inscan), a branch-free exp (common/fast_exp.h), and selects instead of
+// std::max (a branch on random data mispredicts and keeps the loop scalar). The float versions
+// are cloned for AVX-512 and AVX2 and picked at run time; nothing needs -march=native.
+template <typename A>
+S2H_HD_INLINE A max_scaled_impl(const A* __restrict u, A inv_tau, int64_t n) {
+  A mx = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    const A v = u[j] * inv_tau;
+    mx = mx > v ? mx : v;
+  }
+  return mx;
+}
+
+// p_j = exp(u_j / tau - m); returns sum_j p_j.
+template <typename A>
+S2H_HD_INLINE A exp_sum_impl(const A* __restrict u, A inv_tau, A m, A* __restrict p, int64_t n) {
+  A sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float v0 = x[j] - m;
-    const float v = v0 > -87.3f ? v0 : -87.3f;
-    const float fn = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(v / ln 2)
-    const float r = (v - fn * 0.693359375f) + fn * 2.12194440e-4f;          // v - fn ln 2, two steps
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const float scale = std::bit_cast<float>((int32_t(fn) + 127) << 23);  // 2^fn
-    float y = v0 > -87.3f ? p * scale : 0.f;
-    y = v0 == v0 ? y : v0;
-    out[j] = y;
-    sum += y;
+    const A e = kexp(u[j] * inv_tau - m);
+    p[j] = e;
+    sum += e;
   }
   return sum;
 }
 
-double exp_shifted_sum(const double* x, double m, double* out, int64_t n) {
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += (out[j] = std::exp(x[j] - m));
+// w_j = scale * sum_{k>=j} p_k (reverse inclusive scan); returns sum_j w_j.
+template <typename A>
+S2H_HD_INLINE A reverse_cumsum_impl(const A* __restrict p, A scale, A* __restrict w, int64_t n) {
+  A run = 0;
+#pragma omp simd reduction(inscan, + : run)
+  for (int64_t i = 0; i < n; ++i) {
+    run += p[n - 1 - i];
+#pragma omp scan inclusive(run)
+    w[n - 1 - i] = run * scale;
+  }
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += w[j];
   return sum;
 }
 
-// p = softmax(u / tau) of one group into p (length n). Returns nothing; NaN propagates.
-template <typename scalar_t, typename acc_t>
-void group_softmax(const scalar_t* u, int64_t n, acc_t inv_tau, std::vector<acc_t>& x, std::vector<acc_t>& p) {
-  x.resize(n);
-  p.resize(n);
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+// gp_j = sum_{k<=j} g_k (inclusive scan, in place); returns sum_j p_j gp_j.
+template <typename A>
+S2H_HD_INLINE A cumsum_dot_impl(A* __restrict g, const A* __restrict p, int64_t n) {
+  A run = 0;
+#pragma omp simd reduction(inscan, + : run)
   for (int64_t j = 0; j < n; ++j) {
-    x[j] = acc_t(u[j]) * inv_tau;
-    mx = std::max(mx, x[j]);
+    run += g[j];
+#pragma omp scan inclusive(run)
+    g[j] = run;
   }
-  if (mx == std::numeric_limits<acc_t>::infinity()) mx = std::numeric_limits<acc_t>::quiet_NaN();  // +inf logit
-  const acc_t inv_s = acc_t(1) / exp_shifted_sum(x.data(), mx, p.data(), n);
-  for (int64_t j = 0; j < n; ++j) p[j] *= inv_s;
+  A dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < n; ++j) dot += p[j] * g[j];
+  return dot;
 }
 
-template <typename acc_t>
+template <typename A>
+S2H_HD_INLINE int64_t count_kept_impl(const A* __restrict w, A mean_w, int64_t n) {
+  int64_t above = 0;
+#pragma omp simd reduction(+ : above)
+  for (int64_t j = 0; j < n; ++j) above += kept_by_threshold(w[j], mean_w) ? 1 : 0;
+  return above;
+}
+
+#define S2H_FLOAT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+S2H_FLOAT_CLONES float max_scaled(const float* u, float inv_tau, int64_t n) { return max_scaled_impl(u, inv_tau, n); }
+S2H_FLOAT_CLONES float exp_sum(const float* u, float inv_tau, float m, float* p, int64_t n) {
+  return exp_sum_impl(u, inv_tau, m, p, n);
+}
+S2H_FLOAT_CLONES float reverse_cumsum(const float* p, float scale, float* w, int64_t n) {
+  return reverse_cumsum_impl(p, scale, w, n);
+}
+S2H_FLOAT_CLONES float cumsum_dot(float* g, const float* p, int64_t n) { return cumsum_dot_impl(g, p, n); }
+S2H_FLOAT_CLONES int64_t count_kept(const float* w, float mean_w, int64_t n) { return count_kept_impl(w, mean_w, n); }
+double max_scaled(const double* u, double inv_tau, int64_t n) { return max_scaled_impl(u, inv_tau, n); }
+double exp_sum(const double* u, double inv_tau, double m, double* p, int64_t n) {
+  return exp_sum_impl(u, inv_tau, m, p, n);
+}
+double reverse_cumsum(const double* p, double scale, double* w, int64_t n) {
+  return reverse_cumsum_impl(p, scale, w, n);
+}
+double cumsum_dot(double* g, const double* p, int64_t n) { return cumsum_dot_impl(g, p, n); }
+int64_t count_kept(const double* w, double mean_w, int64_t n) { return count_kept_impl(w, mean_w, n); }
+#undef S2H_FLOAT_CLONES
+
+// Per-thread buffers, sized for the largest group seen.
+template <typename A>
 struct Scratch {
-  std::vector<acc_t> x, p;
+  std::vector<A> x, p, w;
+  void reserve(int64_t n) {
+    if (int64_t(p.size()) < n) x.resize(n), p.resize(n), w.resize(n);
+  }
 };
 
-template <typename scalar_t, typename acc_t>
-void masks_one_group(const scalar_t* u, int64_t n, int64_t d, acc_t inv_tau, int64_t mode, scalar_t* w,
-                     scalar_t* expected, int64_t* keep, Scratch<acc_t>& sc) {
-  group_softmax(u, n, inv_tau, sc.x, sc.p);
-  std::vector<acc_t>& wb = sc.x;  // x is no longer needed: reuse it for w
-  acc_t run = 0, sum_w = 0;
-  for (int64_t j = n - 1; j >= 0; --j) {  // reverse cumsum of p
-    run += sc.p[j];
-    wb[j] = run;
-    sum_w += run;
-  }
-  const acc_t mean_w = sum_w / acc_t(n);
-  int64_t above = 0;
-  for (int64_t j = 0; j < n; ++j) above += kept_by_threshold(wb[j], mean_w);
-  if (d == 1) {
-    for (int64_t j = 0; j < n; ++j) w[j] = scalar_t(wb[j]);
+// u in the accumulation type: u itself for fp32/fp64, a converted copy for fp16/bf16.
+template <typename scalar_t, typename A>
+const A* as_acc(const scalar_t* u, int64_t n, std::vector<A>& buf) {
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    return u;
   } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = A(u[j]);
+    return buf.data();
+  }
+}
+
+// Unnormalised p = exp(u / tau - max) into sc.p; returns 1 / sum (NaN for a +inf logit).
+template <typename A>
+A group_exp(const A* u, int64_t n, A inv_tau, Scratch<A>& sc) {
+  A mx = max_scaled(u, inv_tau, n);
+  if (mx == std::numeric_limits<A>::infinity()) mx = std::numeric_limits<A>::quiet_NaN();  // +inf logit
+  return A(1) / exp_sum(u, inv_tau, mx, sc.p.data(), n);
+}
+
+template <typename scalar_t, typename A>
+void masks_one_group(const scalar_t* u_, int64_t n, int64_t d, A inv_tau, int64_t mode, scalar_t* w,
+                     scalar_t* expected, int64_t* keep, Scratch<A>& sc) {
+  sc.reserve(n);
+  const A* u = as_acc(u_, n, sc.x);
+  const A inv_s = group_exp(u, n, inv_tau, sc);
+  // Bucket keep probabilities straight into the output when it is one fp32/fp64 channel per bucket.
+  const bool direct = std::is_same_v<scalar_t, A> && d == 1;
+  A* wb = sc.w.data();
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    if (direct) wb = w;
+  }
+  const A sum_w = reverse_cumsum(sc.p.data(), inv_s, wb, n);
+  const int64_t above = count_kept(wb, sum_w / A(n), n);
+  if (!direct) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t r = 0; r < d; ++r) w[j * d + r] = scalar_t(wb[j]);
   }
-  *expected = scalar_t(acc_t(d) * sum_w);
+  *expected = scalar_t(A(d) * sum_w);
   *keep = hard_keep_buckets(sum_w, above, n, mode) * d;
 }
 
-template <typename scalar_t, typename acc_t>
-void masks_backward_one_group(const scalar_t* gw, acc_t ge, const scalar_t* u, int64_t n, int64_t d, acc_t inv_tau,
-                              scalar_t* gu, Scratch<acc_t>& sc) {
-  group_softmax(u, n, inv_tau, sc.x, sc.p);
-  std::vector<acc_t>& gp = sc.x;
-  acc_t run = 0, dot = 0;
-  for (int64_t j = 0; j < n; ++j) {  // cumsum of the bucket gradients: gp_k = sum_{j<=k} gw_j
-    acc_t channels = 0;
-    for (int64_t r = 0; r < d; ++r) channels += acc_t(gw[j * d + r]);
-    run += bucket_grad(channels, ge, d);
-    gp[j] = run;
-    dot += sc.p[j] * run;
+template <typename scalar_t, typename A>
+void masks_backward_one_group(const scalar_t* gw, A ge, const scalar_t* u_, int64_t n, int64_t d, A inv_tau,
+                              scalar_t* gu, Scratch<A>& sc) {
+  sc.reserve(n);
+  const A* u = as_acc(u_, n, sc.x);
+  const A inv_s = group_exp(u, n, inv_tau, sc);
+  A* gp = sc.w.data();  // bucket gradients, then their cumsum: gp_k = sum_{j<=k} gw_j
+  if (d == 1) {
+    for (int64_t j = 0; j < n; ++j) gp[j] = bucket_grad(A(gw[j]), ge, 1);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      A channels = 0;
+      for (int64_t r = 0; r < d; ++r) channels += A(gw[j * d + r]);
+      gp[j] = bucket_grad(channels, ge, d);
+    }
   }
-  for (int64_t j = 0; j < n; ++j) gu[j] = scalar_t(softmax_input_grad(sc.p[j], gp[j], dot, inv_tau));
+  const A dot = cumsum_dot(gp, sc.p.data(), n) * inv_s;
+  const A* p = sc.p.data();
+  for (int64_t j = 0; j < n; ++j) gu[j] = scalar_t(softmax_input_grad(p[j] * inv_s, gp[j], dot, inv_tau));
 }
 
 int64_t grain_for(int64_t groups, int64_t buckets) {
