@@ -333,6 +333,8 @@ class S2HConv2d(_S2HMixin, nn.Conv2d):
 
     def _forward_hard(self, x):
         w, b, groups = self.hard_weight()
+        if _narrow_conv_applies(x, w, groups, self.stride, self.dilation, self.padding, self.padding_mode):
+            return _NarrowConv2d.apply(x, w, b, tuple(self.padding))
         return self._conv(x, w, b, groups)
 
     def forward_pair(self, x_soft: torch.Tensor, x_hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,6 +346,50 @@ class S2HConv2d(_S2HMixin, nn.Conv2d):
             return _two_streams(lambda: self._forward_soft(x_soft), lambda: self._forward_hard(x_hard),
                                 x_soft, x_hard)
         return self._forward_soft(x_soft), self._forward_hard(x_hard)
+
+
+# Narrow hard convolutions. On the CPU, oneDNN's backward-data kernel for convolutions with fewer
+# than 16 channels is 2-4x slower than its forward kernel on the same shapes (6-8 channels at
+# 32x32, ResNet-56's first stage in the hard network: 5.1-5.5 ms against 1.2-1.4 ms;
+# benchmarks/results/step_cpu.md). For stride 1 and dilation 1 the input gradient IS a forward
+# convolution: of the output gradient with the transposed, flipped weight, padded by k - 1 - p.
+_NARROW_CHANNELS = 16
+
+
+def _narrow_conv_applies(x, weight, groups, stride, dilation, padding, padding_mode) -> bool:
+    if x.device.type != "cpu" or groups != 1 or padding_mode != "zeros" or isinstance(padding, str):
+        return False
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or min(weight.shape[0], weight.shape[1]) >= _NARROW_CHANNELS:
+        return False
+    kh, kw = weight.shape[2:]
+    return padding[0] <= kh - 1 and padding[1] <= kw - 1 and torch.is_grad_enabled()
+
+
+class _NarrowConv2d(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, 1, padding)``; the input gradient runs as a forward convolution."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, weight.shape[2:]
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv2d(gy, weight.transpose(0, 1).flip(2, 3), None, 1, (kh - 1 - ph, kw - 1 - pw))
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if need_w or need_b:
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [ph, pw], [1, 1], False, [0, 0],
+                1, [False, need_w, need_b])
+        return gx, gw, gb, None
 
 
 class S2HLinear(_S2HMixin, nn.Linear):

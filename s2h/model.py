@@ -66,11 +66,13 @@ class S2HModel(nn.Module):
         self.hard_width = config["hard_width"]
         self.default_branch = "soft"
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        # u in the network's floating dtype (a float64 network gets float64 logits)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
         buckets = [g.buckets for g in groups]
         offsets = [0]
         for b in buckets:
             offsets.append(offsets[-1] + b)
-        self.u = nn.Parameter(torch.zeros(offsets[-1], device=dev))
+        self.u = nn.Parameter(torch.zeros(offsets[-1], device=dev, dtype=dtype))
         self.register_buffer("group_offsets", torch.tensor(offsets, dtype=torch.int64, device=dev), persistent=False)
         self.register_buffer("group_divisors", torch.tensor([g.divisor for g in groups], dtype=torch.int64, device=dev),
                              persistent=False)
@@ -196,6 +198,15 @@ class S2HModel(nn.Module):
         finally:
             object.__setattr__(self, "_pair", pair)
         return new
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .float() convert every floating buffer; the FLOPs tables stay
+        # float64 (MAC counts overflow fp16 and lose integers in fp32) and only follow the device.
+        tables = {k: t for k, t in self._buffers.items() if k.startswith("_flops_")}
+        out = super()._apply(fn, recurse)
+        for k, t in tables.items():
+            self._buffers[k] = t.to(self._buffers[k].device)
+        return out
 
     # ---------------------------------------------------------------- FLOPs
     def _flops(self, widths: torch.Tensor) -> torch.Tensor:

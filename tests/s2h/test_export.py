@@ -8,12 +8,7 @@ import s2h
 from s2h_reference import macs, random_u, randomize_norms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def factory():

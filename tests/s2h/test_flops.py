@@ -9,12 +9,7 @@ from s2h_kernels import reference
 from s2h_reference import macs, peaked_u, random_u
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def expected_widths(model):
@@ -156,3 +151,25 @@ def test_resource_loss_drives_the_soft_flops_to_the_target():
         opt.step()
     assert float(model.soft_flops().detach()) / model.dense_flops() == pytest.approx(0.3, abs=0.01)
     assert 0.1 < model.hard_flops() / model.dense_flops() < 0.6
+
+
+def test_dtype_conversions_keep_flops_exact():
+    """.half()/.float()/.double() convert the network and u, never the float64 FLOPs tables."""
+    model = s2h.convert(s2h.models.resnet56(), torch.randn(1, 3, 32, 32))
+    random_u(model)
+    dense, hard = model.dense_flops(), model.hard_flops()
+    soft = float(model.soft_flops().detach())
+    assert dense == pytest.approx(macs(s2h.models.resnet56(), torch.randn(1, 3, 32, 32)), rel=1e-3)  # > 65504: fp16 overflows
+    for convert, dtype in ((model.half, torch.float16), (model.float, torch.float32), (model.double, torch.float64)):
+        convert()
+        assert model.u.dtype == dtype
+        assert all(b.dtype == torch.float64 for n, b in model.named_buffers() if n.startswith("_flops_"))
+        assert model.hard_flops() == hard
+        assert model._flops(model.group_channels).item() == dense
+    assert float(model.soft_flops().detach()) == pytest.approx(soft, rel=1e-3)  # u went through fp16
+
+
+def test_float64_network_gets_float64_masks():
+    model = s2h.convert(Small().double(), torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert model.u.dtype == torch.float64
+    assert model.soft_flops().dtype == torch.float64

@@ -9,12 +9,7 @@ from s2h_kernels import reference
 from s2h_reference import CatNet, macs, plain_copy, random_u, randomize_norms, tp_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_concat_consumer_takes_offset_ranges():

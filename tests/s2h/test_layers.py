@@ -14,12 +14,7 @@ from s2h_kernels import reference
 from s2h_reference import CatNet, peaked_u, plain_copy, random_u, randomize_norms, tp_prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
@@ -364,3 +359,43 @@ def test_channel_spec_concat_offsets():
     assert prefix.kept([5], torch.device("cpu")) is None and prefix.kept([2], None) == slice(0, 2)
     with pytest.raises(ValueError, match="overlapping"):
         ChannelSpec(10, [Segment(0, 0, 5), Segment(1, 4, 2)])
+
+
+@pytest.mark.parametrize("c_in,c_out,kernel,padding,bias", [
+    (6, 8, 3, 1, True), (3, 5, 3, 0, False), (7, 4, 1, 0, True), (5, 6, (3, 1), (1, 0), True), (4, 4, 5, 2, False),
+])
+def test_narrow_conv_gradients_equal_conv2d(c_in, c_out, kernel, padding, bias):
+    """The hard branch's narrow conv (input gradient as a forward conv) against F.conv2d's autograd."""
+    from s2h.layers import _NarrowConv2d
+
+    torch.manual_seed(0)
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    p = padding if isinstance(padding, tuple) else (padding, padding)
+    x = torch.randn(3, c_in, 9, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c_out, c_in, *k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    g = torch.randn(3, c_out, 9 + 2 * p[0] - k[0] + 1, 7 + 2 * p[1] - k[1] + 1, dtype=torch.float64)
+    y = _NarrowConv2d.apply(x, w, b, p)
+    got = torch.autograd.grad(y, inputs, g)
+    y_ref = F.conv2d(x, w, b, 1, p)
+    want = torch.autograd.grad(y_ref, inputs, g)
+    torch.testing.assert_close(y, y_ref)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(lambda *t: _NarrowConv2d.apply(t[0], t[1], t[2] if bias else None, p), tuple(inputs))
+
+
+def test_hard_branch_takes_the_narrow_conv_path(monkeypatch):
+    """(Its values: test_binary_soft_mask_equals_hard_branch_in_training runs the same path.)"""
+    from s2h import layers
+
+    calls = []
+    monkeypatch.setattr(layers._NarrowConv2d, "apply", lambda *a: calls.append(a) or F.conv2d(a[0], a[1], a[2], 1, a[3]))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 4, 3, padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    model = s2h.convert(net, x[:2], target_flops=0.5)
+    with s2h.branch("hard"):
+        model(x)
+    assert calls, "a conv narrower than 16 channels should take the narrow path in the hard branch"

@@ -31,12 +31,7 @@ from s2h.models import vit
 from s2h_reference import macs, random_u
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(**kw):
