@@ -259,6 +259,35 @@ def _compute_dtype(op: str, sw: SparseWeight, x: torch.Tensor, bias: Optional[to
     return torch.float32
 
 
+def _check_operands(op: str, sw, x) -> None:
+    _check_weight(op, sw)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: x must be a tensor, got {type(x).__name__}")
+
+
+def _resolve(op: str, sw: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tensor],
+             backend: Optional[str]) -> tuple[str, torch.dtype]:
+    """Checks shared by spmm and spmm_conv2d (bias shape, dtypes, one device, no autograd).
+
+    Returns the backend and the dtype the kernel runs in."""
+    m = sw.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (m,)):
+        raise ValueError(f"{op}: bias must be a tensor of shape ({m},), got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    values = sw.values
+    # Common case first (float32/float64 everywhere, one device): no conversions, few checks.
+    if x.dtype in _NATIVE and values.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
+        cdt = x.dtype
+    else:
+        cdt = _compute_dtype(op, sw, x, bias)
+    device = x.device
+    if values.device != device or sw.row_ptr.device != device or (bias is not None and bias.device != device):
+        check_same_device(op, values=values, row_ptr=sw.row_ptr, x=x, bias=bias)
+    chosen = "cpu" if backend is None and device.type == "cpu" else resolve_backend(backend, device, op)
+    _check_no_grad(op, x, values, bias)
+    return chosen, cdt
+
+
 def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None, relu: bool = False,
          backend: Optional[str] = None) -> torch.Tensor:
     """``act(W @ x + bias)`` with W packed as a :class:`SparseWeight`.
@@ -273,9 +302,7 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
         (M, N) in x's dtype.
     """
     op = "spmm"
-    _check_weight(op, sparse_weight)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    _check_operands(op, sparse_weight, x)
     vector = x.dim() == 1
     if vector:
         x = x.unsqueeze(1)
@@ -285,20 +312,8 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
     if x.shape[0] != k:
         raise ValueError(f"{op}: x has {x.shape[0]} rows but the weight has K = {k} columns "
                          f"(weight {sparse_weight.shape}, x {tuple(x.shape)})")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (m,)):
-        raise ValueError(f"{op}: bias must be a tensor of shape ({m},), got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    chosen, cdt = _resolve(op, sparse_weight, x, bias, backend)
     values = sparse_weight.values
-    # Common case first (float32/float64 everywhere, one device): no conversions, few checks.
-    if x.dtype in _NATIVE and values.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
-        cdt = x.dtype
-    else:
-        cdt = _compute_dtype(op, sparse_weight, x, bias)
-    device = x.device
-    if values.device != device or sparse_weight.row_ptr.device != device or (bias is not None and bias.device != device):
-        check_same_device(op, values=values, row_ptr=sparse_weight.row_ptr, x=x, bias=bias)
-    chosen = "cpu" if backend is None and device.type == "cpu" else resolve_backend(backend, device, op)
-    _check_no_grad(op, x, values, bias)
     out_dtype = x.dtype
     if cdt is not x.dtype:
         values, x = values.to(cdt), x.to(cdt)
@@ -345,9 +360,7 @@ def spmm_conv2d(sparse_weight: SparseWeight, x: torch.Tensor, kernel_size, bias:
     (zero padding) and ``groups``.  x is (B, C, H, W) or (C, H, W).
     """
     op = "spmm_conv2d"
-    _check_weight(op, sparse_weight)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{op}: x must be a tensor, got {type(x).__name__}")
+    _check_operands(op, sparse_weight, x)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -369,18 +382,8 @@ def spmm_conv2d(sparse_weight: SparseWeight, x: torch.Tensor, kernel_size, bias:
     ho, wo = _conv_out(x.shape[2], kh, sh, ph, dh), _conv_out(x.shape[3], kw, sw_, pw, dw)
     if ho < 1 or wo < 1:
         raise ValueError(f"{op}: input {tuple(x.shape)} is smaller than the (dilated) kernel")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (m,)):
-        raise ValueError(f"{op}: bias must be a tensor of shape ({m},)")
+    chosen, cdt = _resolve(op, sparse_weight, x, bias, backend)
     values = sparse_weight.values
-    if x.dtype in _NATIVE and values.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
-        cdt = x.dtype
-    else:
-        cdt = _compute_dtype(op, sparse_weight, x, bias)
-    device = x.device
-    if values.device != device or sparse_weight.row_ptr.device != device or (bias is not None and bias.device != device):
-        check_same_device(op, values=values, row_ptr=sparse_weight.row_ptr, x=x, bias=bias)
-    chosen = "cpu" if backend is None and device.type == "cpu" else resolve_backend(backend, device, op)
-    _check_no_grad(op, x, values, bias)
     out_dtype = x.dtype
     xc = x if cdt is x.dtype else x.to(cdt)
     b = bias if bias is None or cdt is bias.dtype else bias.to(cdt)
