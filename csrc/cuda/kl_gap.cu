@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "common/kl_gap.h"
+#include "common/kl_gap_checks.h"
 
 namespace s2h {
 namespace {
@@ -209,24 +210,12 @@ void with_threads(int64_t C, F&& f) {
 void check_pair(const char* op, const char* n1, const at::Tensor& x, const char* n2, const at::Tensor& y) {
   TORCH_CHECK(x.device().is_cuda() && x.device() == y.device(), op, ": ", n1, " and ", n2,
               " must be on the same CUDA device, got ", x.device(), " and ", y.device());
-  TORCH_CHECK(x.dim() == 2, op, ": ", n1, " must be 2-D (rows, classes), got shape ", x.sizes());
-  TORCH_CHECK(x.sizes() == y.sizes(), op, ": ", n1, " and ", n2, " must have the same shape, got ", x.sizes(),
-              " and ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": ", n1, " and ", n2, " must have the same dtype, got ",
-              x.scalar_type(), " and ", y.scalar_type());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", n1,
-              " must be float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(x.size(0) > 0, op, ": ", n1, " has no rows (empty batch)");
-  TORCH_CHECK(x.size(1) > 0, op, ": ", n1, " has no classes");
+  k::check_pair_layout(op, n1, x, n2, y);
   TORCH_CHECK(x.size(0) <= 2147483647LL, op, ": at most 2^31 - 1 rows, got ", x.size(0));
 }
 
-void check_temperature(const char* op, double t) {
-  TORCH_CHECK(std::isfinite(t) && t > 0, op, ": temperature must be a finite number > 0, got ", t);
-}
-
-at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+using k::acc_type;
+using k::check_temperature;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_gap_cuda(const at::Tensor& soft, const at::Tensor& hard,
                                                           double temperature, double grad_scale) {
