@@ -10,7 +10,6 @@ Every test also checks that its result equals the baseline's.
     pytest benchmarks/test_bench_layers.py --benchmark-only --benchmark-json=benchmarks/results/layers_cpu.json
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -19,38 +18,10 @@ import torchvision
 from torch import nn
 
 import s2h
+from bench_common import widths_at
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 TARGET = 0.15
-
-
-@pytest.fixture(autouse=True, scope="module")
-def threads():
-    """S2H_BENCH_THREADS=n pins the intra-op threads (1 is steadier on a 2-core machine shared with other jobs)."""
-    n = os.environ.get("S2H_BENCH_THREADS")
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    yield
-    torch.set_num_threads(old)
-
-
-def widths_at(model, target=TARGET):
-    """Peaked u (0/1 prefix masks) with one keep fraction for every group, bisected to ``target`` FLOPs."""
-    def set_fraction(f):
-        with torch.no_grad():
-            model.u.fill_(-40.0)
-            offs = model.group_offsets.tolist()
-            for gi, g in enumerate(model.groups):
-                j = max(1, min(g.buckets, round(f * g.buckets)))
-                model.u[offs[gi] + j - 1] = 40.0
-        return model.hard_flops() / model.dense_flops()
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if set_fraction(mid) < target else (lo, mid)
-    return set_fraction(hi)
 
 
 def plain_masked(model):

@@ -11,47 +11,18 @@ Every test also checks its result against the baseline's.
     pytest benchmarks/test_bench_vit.py --benchmark-only --benchmark-json=benchmarks/results/vit_cpu.json
 """
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import s2h
+from bench_common import widths_at
 from s2h.models import vit_cifar
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 TARGET = 0.15
 BATCH = {"cpu": 16, "cuda": 128}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def threads():
-    """S2H_BENCH_THREADS=n pins the intra-op threads (1 is steadier on a 2-core machine shared with other jobs)."""
-    n = os.environ.get("S2H_BENCH_THREADS")
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    yield
-    torch.set_num_threads(old)
-
-
-def widths_at(model, target=TARGET, big=40.0):
-    """Peaked u (0/1 prefix masks), one keep fraction for every group, bisected to ``target`` hard FLOPs."""
-    def set_fraction(f):
-        with torch.no_grad():
-            model.u.fill_(-big)
-            offs = model.group_offsets.tolist()
-            for gi, g in enumerate(model.groups):
-                j = max(1, min(g.buckets, round(f * g.buckets)))
-                model.u[offs[gi] + j - 1] = big
-        return model.hard_flops() / model.dense_flops()
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if set_fraction(mid) < target else (lo, mid)
-    return set_fraction(hi)
 
 
 _CASE = {}
