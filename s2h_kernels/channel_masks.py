@@ -240,11 +240,13 @@ class _ChannelMasksFunction(torch.autograd.Function):
     added about 45 us on top."""
 
     @staticmethod
-    def forward(ctx, keyset, u, offsets, divisors, temperature, hard_mode, num_channels):
-        w, expected, keep = _below_autograd(keyset, u, offsets, divisors, temperature, hard_mode, num_channels)
-        _setup_context(ctx, (u, offsets, divisors, temperature, hard_mode, num_channels), None)
-        ctx.mark_non_differentiable(keep)
-        return w, expected, keep
+    def forward(keyset, u, offsets, divisors, temperature, hard_mode, num_channels):
+        return _below_autograd(keyset, u, offsets, divisors, temperature, hard_mode, num_channels)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward, so torch.func transforms work
+        _setup_context(ctx, inputs[1:], output)
+        ctx.mark_non_differentiable(output[2])
 
     @staticmethod
     def backward(ctx, grad_w, grad_expected, grad_keep):
@@ -358,10 +360,11 @@ def channel_masks(
         if divisors is not None:
             raise ValueError("channel_masks: under torch.compile, call with divisors=None (or outside the graph)")
         num_channels = u.shape[0]
-    elif chosen == "cpu" and divisors is None and not torch._C._are_functorch_transforms_active():
+    elif chosen == "cpu" and divisors is None:
         # The common call, kept lean (at ResNet-50 size the C++ work is ~40 us): the C++ op checks
         # the layout itself (num_channels = len(u)), so the Python check only runs to name a
-        # problem; and the autograd kernel is entered directly, not through the dispatcher.
+        # problem; and the autograd Function is entered directly, not through the dispatcher (which
+        # also lets torch.func.grad through: a Python Autograd kernel does not compose with it).
         try:
             return _channel_masks_autograd(None, u, offsets_t, divisors_t, *args, u.shape[0])
         except RuntimeError:

@@ -213,3 +213,19 @@ def test_cpp_op_checks_layout_itself():
         torch.ops.s2h.channel_masks(torch.zeros(5), torch.tensor([0, 7]), torch.tensor([1]), 1.0, 0, 7)
     with pytest.raises(RuntimeError, match="num_channels"):
         torch.ops.s2h.channel_masks(torch.zeros(5), torch.tensor([0, 5]), torch.tensor([2]), 1.0, 0, 5)
+
+
+def test_torch_func_grad_on_cpu():
+    """torch.func.grad through the op (CPU, default divisors) equals it through the reference."""
+    u = make_u([0, 4, 10], torch.float64, "cpu")
+    weights = torch.linspace(-1.0, 2.0, 10, dtype=torch.float64)
+
+    def objective(impl):
+        def f(u):
+            w, e, _ = impl(u, [0, 4, 10])
+            return (w * weights).sum() + e.pow(2).sum()
+        return f
+
+    got = torch.func.grad(objective(s2h_kernels.channel_masks))(u)
+    want = torch.func.grad(objective(reference.channel_masks))(u)
+    torch.testing.assert_close(got, want)
