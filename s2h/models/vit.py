@@ -247,8 +247,16 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-class ViTBlock(nn.Module):
-    """Pre-norm Transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+class _PreNormBlock(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (stochastic depth on both)."""
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViTBlock(_PreNormBlock):
+    """ViT block: multi-head self-attention and an MLP (pre-norm residual)."""
 
     def __init__(self, dim, num_heads, head_dim, mlp_hidden, qkv_bias=False, dropout=0.0, attn_dropout=0.0,
                  drop_path=0.0):
@@ -258,10 +266,6 @@ class ViTBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_hidden, dropout)
-
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -301,7 +305,7 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(_PreNormBlock):
     """Swin block (torchvision's layout ``[B, H, W, C]``): window attention and an MLP, pre-norm, residual."""
 
     def __init__(self, dim, num_heads, head_dim, window, shift, mlp_hidden, dropout=0.0, attn_dropout=0.0,
@@ -313,10 +317,6 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_hidden, dropout)
-
-    def forward(self, x):
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
