@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import register_lean_autograd
 from ._backend import check_float, check_same_device, resolve_backend
 
 HARD_MODES = {"threshold": 0, "expected": 1}
@@ -231,69 +232,17 @@ torch.library.register_autograd(
 )
 
 
-class _ChannelMasksFunction(torch.autograd.Function):
-    """Autograd of the C++ op, registered through torch.library below.
-
-    This is what ``torch.library.register_autograd`` generates, minus its generality (default
-    filling, pytree and return-count checks): the op runs once per training step and, at
-    ResNet-50 size, its C++ forward and backward take about 40 us together; the generic wrapper
-    added about 45 us on top. The forward takes ``ctx`` (the old style) and the class defines no
-    ``setup_context``: with one, torch 2.14 binds every call's arguments with inspect.signature,
-    ~60 us per forward+backward here."""
-
-    @staticmethod
-    def forward(ctx, keyset, u, offsets, divisors, temperature, hard_mode, num_channels):
-        out = _below_autograd(keyset, u, offsets, divisors, temperature, hard_mode, num_channels)
-        _save(ctx, (keyset, u, offsets, divisors, temperature, hard_mode, num_channels), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_w, grad_expected, grad_keep):
-        return (None, *_cpp_backward(ctx, grad_w, grad_expected, grad_keep))
-
-
-class _ChannelMasksTransformable(torch.autograd.Function):
-    """The same Function in the form torch.func transforms need (forward without ctx)."""
-
-    @staticmethod
-    def forward(keyset, u, offsets, divisors, temperature, hard_mode, num_channels):
-        return _below_autograd(keyset, u, offsets, divisors, temperature, hard_mode, num_channels)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _save(ctx, inputs, output)
-
-    backward = _ChannelMasksFunction.backward
-
-
 def _save(ctx, inputs, output):
-    _setup_context(ctx, inputs[1:], output)
+    _setup_context(ctx, inputs, output)
     ctx.mark_non_differentiable(output[2])
 
 
-_cpp_backward = _make_backward(torch.ops.s2h.channel_masks_backward.default)
-
-
-def _below_autograd(keyset, *args):
-    """The op's kernels below the Autograd key: a redispatch from the Autograd kernel (keyset given),
-    or a direct call from channel_masks() on the CPU (keyset None: skips a Python-kernel round trip
-    through the dispatcher, ~20 us)."""
-    with torch._C._AutoDispatchBelowAutograd():
-        if keyset is None:
-            return torch.ops.s2h.channel_masks.default(*args)
-        return torch.ops.s2h.channel_masks.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
-def _channel_masks_autograd(keyset, *args):
-    if torch._C._are_functorch_transforms_active():
-        return _ChannelMasksTransformable.apply(keyset, *args)
-    if torch.is_grad_enabled() and args[0].requires_grad:
-        return _ChannelMasksFunction.apply(keyset, *args)
-    return _below_autograd(keyset, *args)
-
-
-_lib = torch.library.Library("s2h", "FRAGMENT")  # noqa: TOR901 (adds kernels to the C++ library's ops)
-_lib.impl("channel_masks", _channel_masks_autograd, "Autograd", with_keyset=True)
+# The C++ op: lean autograd (s2h_kernels/_autograd.py). It runs once per training step, and at
+# ResNet-50 size its C++ forward and backward take ~40 us together: register_autograd's generic
+# wrapper added ~45 us.
+_channel_masks_cpp = register_lean_autograd(
+    "channel_masks", _save, _make_backward(torch.ops.s2h.channel_masks_backward.default)
+)
 torch.library.register_fake("s2h::channel_masks")(_fake_forward)
 torch.library.register_fake("s2h::channel_masks_backward")(_fake_backward)
 torch.library.register_fake("s2h::channel_masks_triton_backward")(_fake_backward)
@@ -386,7 +335,7 @@ def channel_masks(
         # problem; and the autograd Function is entered directly, not through the dispatcher (which
         # also lets torch.func.grad through: a Python Autograd kernel does not compose with it).
         try:
-            return _channel_masks_autograd(None, u, offsets_t, divisors_t, *args, u.shape[0])
+            return _channel_masks_cpp(u, offsets_t, divisors_t, *args, u.shape[0])
         except RuntimeError:
             _check_layout(u, offsets_t, divisors_t)
             raise

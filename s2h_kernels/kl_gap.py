@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ._autograd import register_lean_autograd
 from ._backend import check_float, check_same_device, resolve_backend
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -379,10 +380,19 @@ def _ca_kld_backward(ctx, grad_loss, _grad_g, _grad_gamma):
 
 for _name in ("s2h::kl_gap", "s2h::kl_gap_triton"):
     torch.library.register_fake(_name)(_fake_kl_gap)
-    torch.library.register_autograd(_name, _kl_gap_backward, setup_context=_kl_gap_setup)
 for _name in ("s2h::ca_kld", "s2h::ca_kld_triton"):
     torch.library.register_fake(_name)(_fake_ca_kld)
-    torch.library.register_autograd(_name, _ca_kld_backward, setup_context=_ca_kld_setup)
+# The Triton ops: torch.library's generic autograd. The C++ ops: the lean one (s2h_kernels/_autograd.py),
+# whose generic counterpart cost ~150 us per call and most of the speed-up at small shapes.
+torch.library.register_autograd("s2h::kl_gap_triton", _kl_gap_backward, setup_context=_kl_gap_setup)
+torch.library.register_autograd("s2h::ca_kld_triton", _ca_kld_backward, setup_context=_ca_kld_setup)
+_kl_gap_cpp = register_lean_autograd("kl_gap", _kl_gap_setup, _kl_gap_backward)
+_ca_kld_cpp = register_lean_autograd("ca_kld", _ca_kld_setup, _ca_kld_backward)
+
+
+def _cpp_or(op, lean):
+    """The lean entry, except while torch.compile traces (it sees the op itself)."""
+    return op if torch.compiler.is_compiling() else lean
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,7 +445,7 @@ def _grad_scale(rows: int, classes: int, reduction: str) -> float:
 
 
 def _gap_op(chosen: str):
-    return torch.ops.s2h.kl_gap_triton if chosen == "triton" else torch.ops.s2h.kl_gap
+    return torch.ops.s2h.kl_gap_triton if chosen == "triton" else _cpp_or(torch.ops.s2h.kl_gap, _kl_gap_cpp)
 
 
 def kl_gap(
@@ -554,7 +564,7 @@ def ca_kld(
     )
     _check_gamma_eps("ca_kld", gamma, eps)
     C = student_logits.shape[-1]
-    op = torch.ops.s2h.ca_kld_triton if chosen == "triton" else torch.ops.s2h.ca_kld
+    op = torch.ops.s2h.ca_kld_triton if chosen == "triton" else _cpp_or(torch.ops.s2h.ca_kld, _ca_kld_cpp)
     loss_rows, _, _ = op(
         _rows(student_logits), _rows(teacher_logits.detach()), float(temperature),
         None if gamma is None else float(gamma), bool(standardize), float(eps), 1.0,
