@@ -21,7 +21,8 @@ _LIB = torch.library.Library("s2h", "FRAGMENT")  # noqa: TOR901 (adds kernels to
 
 
 def register_lean_autograd(name: str, save: Callable, backward: Callable) -> Callable:
-    """Autograd for the C++ op ``s2h::<name>``; returns ``call(*args)`` (the op, with autograd).
+    """Autograd for the C++ op ``s2h::<name>``; returns ``call(*args)`` (the op, with autograd; under
+    torch.compile, the op itself).
 
     ``save(ctx, inputs, output)`` keeps what backward needs; ``backward(ctx, *grads)`` returns one
     gradient (or None) per op input, with ``ctx.needs_input_grad`` indexed by op input.
@@ -72,5 +73,10 @@ def register_lean_autograd(name: str, save: Callable, backward: Callable) -> Cal
             return Lean.apply(keyset, *args)
         return below_autograd(keyset, *args)
 
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)  # torch.compile traces the op itself (through the kernel registered above)
+        return kernel(None, *args)
+
     _LIB.impl(name, kernel, "Autograd", with_keyset=True)
-    return lambda *args: kernel(None, *args)
+    return call

@@ -390,11 +390,6 @@ _kl_gap_cpp = register_lean_autograd("kl_gap", _kl_gap_setup, _kl_gap_backward)
 _ca_kld_cpp = register_lean_autograd("ca_kld", _ca_kld_setup, _ca_kld_backward)
 
 
-def _cpp_or(op, lean):
-    """The lean entry, except while torch.compile traces (it sees the op itself)."""
-    return op if torch.compiler.is_compiling() else lean
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +440,7 @@ def _grad_scale(rows: int, classes: int, reduction: str) -> float:
 
 
 def _gap_op(chosen: str):
-    return torch.ops.s2h.kl_gap_triton if chosen == "triton" else _cpp_or(torch.ops.s2h.kl_gap, _kl_gap_cpp)
+    return torch.ops.s2h.kl_gap_triton if chosen == "triton" else _kl_gap_cpp
 
 
 def kl_gap(
@@ -564,7 +559,7 @@ def ca_kld(
     )
     _check_gamma_eps("ca_kld", gamma, eps)
     C = student_logits.shape[-1]
-    op = torch.ops.s2h.ca_kld_triton if chosen == "triton" else _cpp_or(torch.ops.s2h.ca_kld, _ca_kld_cpp)
+    op = torch.ops.s2h.ca_kld_triton if chosen == "triton" else _ca_kld_cpp
     loss_rows, _, _ = op(
         _rows(student_logits), _rows(teacher_logits.detach()), float(temperature),
         None if gamma is None else float(gamma), bool(standardize), float(eps), 1.0,
