@@ -30,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -38,6 +39,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -477,6 +479,26 @@ Scratch<T>& scratch() {
   return s;
 }
 
+// Per-thread, 64-byte aligned buffer for the copies of X the ops make (aligned rows, the padded
+// conv input), kept across calls: a fresh allocation of that size is mmapped and page-faults on
+// every call, which cost up to 40% of a call at 95% sparsity.  It only grows (like oneDNN's
+// scratchpad); the view it returns is valid until the next call on the same thread.
+template <typename T>
+at::Tensor x_scratch(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t numel, const at::TensorOptions& opts) {
+  struct Buf {
+    std::unique_ptr<void, decltype(&std::free)> p{nullptr, &std::free};
+    size_t bytes = 0;
+  };
+  thread_local Buf buf;
+  const size_t need = (static_cast<size_t>(std::max<int64_t>(numel, 1)) * sizeof(T) + 63) / 64 * 64;
+  if (need > buf.bytes) {
+    buf.p.reset(std::aligned_alloc(64, need));
+    TORCH_CHECK(buf.p, "spmm: out of memory for a ", need, "-byte scratch buffer");
+    buf.bytes = need;
+  }
+  return at::from_blob(buf.p.get(), sizes, strides, opts);
+}
+
 // Rows [r0, r1) x the tiles of the (batch x column-tile) grid that next_tiles(t0, t1) hands out
 // (ranges, until it returns false).
 template <typename T, typename NextTiles>
@@ -647,6 +669,7 @@ void run(const Problem<T>& p) {
                                        p.k * tile_bytes > 256 * 1024);
     const int64_t pmin = env_int("S2H_SPMM_PMIN", conv ? 6 : 12);
     if (cols < p.k && partials_fit && per_row_panel >= (double)pmin) panel_cols = cols;
+    if (env_int("S2H_SPMM_PANEL", 0) > 0) panel_cols = env_int("S2H_SPMM_PANEL", 0);  // EXPLORE
   }
   // Dynamic scheduling over nnz-balanced chunks (several per thread): a thread that the OS
   // preempts (a busy machine) delays the call by one chunk, not by half of it.
@@ -721,13 +744,34 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   at::Tensor x = (ok && (n != 1 || x_in.stride(0) == 1)) ? x_in : x_in.contiguous();
   // Rows of X that do not start on a 64-byte line make every vector load a split load (about
   // 1.2-1.7x slower when X lives in L2): copy X once into 16-float aligned rows, when each row of
-  // X is read often enough (nnz / K times) to repay the copy.
+  // X is read often enough (nnz / K times) to repay the copy.  A last vector with only 1-2 valid
+  // lanes (N = 17, 49, 50, ...) still costs a whole cache line of X per nonzero: those columns
+  // are copied out as contiguous vectors and computed with the gather dot kernel, when that line
+  // is a large share of the loads (N < 48) or comes from far (X over 512 KB).  Measured at 90%,
+  // one thread: 512x4608x49 and 256x2304x49 gain 12%, 512x1024x17 11%; 1024x1024x49 (X 256 KB)
+  // loses 7%, its rows being too short to repay the dot kernel's per-row cost.
   const int64_t nnz = col_idx.numel(), k = x.size(0);
-  if (x.scalar_type() == at::kFloat && n >= 16 && nnz >= env_int("S2H_SPMM_ALIGN", 16) * k &&
-      (x.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0)) {
-    at::Tensor buf = at::empty({x.size(0), (n + 15) / 16 * 16}, x.options());
-    x = buf.narrow(1, 0, n);
-    x.copy_(x_in);
+  const bool reused = x.scalar_type() == at::kFloat && n >= 16 && nnz >= env_int("S2H_SPMM_ALIGN", 16) * k;
+  const bool far_or_few = n < 48 || k * ((n + 15) / 16 * 16) * 4 > env_int("S2H_SPMM_TAIL_X", 512 * 1024);
+  const int64_t tail = reused && n > 16 && far_or_few && n % 16 <= env_int("S2H_SPMM_TAIL_DOT", 2) ? n % 16 : 0;
+  const bool misaligned = x.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0;
+  const int64_t n_main = n - tail;  // columns computed by the tile kernels
+  const float* tail_cols = nullptr;  // tail columns c at tail_cols + c * k
+  if (reused && (misaligned || tail > 0)) {
+    const int64_t ld = (n_main + 15) / 16 * 16, lds = x.stride(0);
+    at::Tensor xa = x_scratch<float>({k, n_main}, {ld, 1}, k * ld + tail * k, x.options());
+    const float* src = x.data_ptr<float>();
+    float* dst = xa.data_ptr<float>();
+    float* dst_tail = dst + k * ld;
+    // Row by row with memcpy: about twice as fast as Tensor.copy_ into the strided view.
+    at::parallel_for(0, k, std::max<int64_t>(1, (1 << 16) / n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        std::memcpy(dst + r * ld, src + r * lds, sizeof(float) * n_main);
+        for (int64_t c = 0; c < tail; ++c) dst_tail[c * k + r] = src[r * lds + n_main + c];
+      }
+    });
+    x = xa;
+    tail_cols = dst_tail;
   }
   TORCH_CHECK(x.numel() == 0 || x.stride(0) * (x.size(0) - 1) + n <= INT32_MAX, "spmm: x is too large for 32-bit offsets");
   at::Tensor y = at::empty({m, n}, x.options());
@@ -742,8 +786,8 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
     p.x = x.data_ptr<scalar_t>();
     p.x_bstride = 0;
     p.batch = 1;
-    p.ldx = n == 1 ? 1 : x.stride(0);
-    p.n = n;
+    p.ldx = n_main == 1 ? 1 : x.stride(0);
+    p.n = n_main;
     p.k = x.size(0);
     p.y = y.data_ptr<scalar_t>();
     p.y_bstride = 0;
@@ -751,6 +795,13 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
     p.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     p.relu = relu;
     run(p);
+    for (int64_t c = 0; c < tail; ++c) {  // one column each: N == 1, the dot kernel (float only)
+      p.x = reinterpret_cast<const scalar_t*>(tail_cols) + c * k;
+      p.ldx = 1;
+      p.n = 1;
+      p.y = y.data_ptr<scalar_t>() + n_main + c;
+      run(p);
+    }
   });
   return y;
 }
@@ -856,7 +907,7 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
       const int64_t per_item = c * sh * sw * hq * wq;
       // Slack after the last item: grid columns ow >= wo may read up to wq elements past a phase,
       // and the AVX-512 grid kernels load whole vectors past the grid end (< 16 elements).
-      buf = at::empty({batch * per_item + wq + 64}, x.options());
+      buf = x_scratch<scalar_t>({batch * per_item + wq + 64}, {1}, batch * per_item + wq + 64, x.options());
       scalar_t* bp = buf.data_ptr<scalar_t>();
       fill_phases<scalar_t>(x.data_ptr<scalar_t>(), bp, batch * c, h, w, sh, sw, ph, pw, hq, wq);
       std::fill(bp + batch * per_item, bp + buf.numel(), scalar_t(0));

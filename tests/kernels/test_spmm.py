@@ -115,6 +115,8 @@ def test_half_inputs_computed_in_fp32(backend, device_for, dtype):
 LARGE = [
     (64, 576, 200, 0.7),    # K panels (rows long enough), partial last tile
     (256, 300, 49, 0.9),    # N = 49: 4 vectors, masked tail
+    (64, 200, 34, 0.5),     # N = 34: two vectors + two dot-kernel tail columns
+    (64, 100, 17, 0.3),     # N = 17: one vector + one tail column
     (300, 500, 1, 0.9),     # N = 1 gather path, many rows
     (3, 1000, 700, 0.95),   # few rows: the tiles are split over threads
     (130, 64, 300, 0.98),   # nearly empty rows
@@ -128,6 +130,28 @@ def test_cpu_isas(monkeypatch, isa, m, k, n, sparsity):
     monkeypatch.setenv("S2H_SPMM_ISA", isa)
     w = sparse_matrix(m, k, sparsity, seed=m + k)
     check("cpu", torch.device("cpu"), w, randn(k, n, seed=n), randn(m, seed=7), relu=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [17, 34, 49, 50, 64])
+def test_cpu_tail_columns_by_dot_kernel(monkeypatch, isa, n):
+    # S2H_SPMM_TAIL_X=0: take the dot-kernel path for the 1-2 last columns whatever the size of X.
+    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+    monkeypatch.setenv("S2H_SPMM_TAIL_X", "0")
+    w = sparse_matrix(48, 150, 0.6, seed=n)
+    check("cpu", torch.device("cpu"), w, randn(150, n + 5, seed=n)[:, 5:], randn(48, seed=3), relu=True)
+
+
+def test_cpu_scratch_reused_across_calls():
+    # The aligned copy of X lives in a per-thread buffer reused by the next call: outputs of
+    # earlier calls must not change, and a smaller call after a larger one must read its own X.
+    cases = [(96, 400, 49, 0.6), (32, 64, 23, 0.2), (96, 400, 196, 0.8), (32, 64, 23, 0.2)]
+    outs = []
+    for i, (m, k, n, sp) in enumerate(cases):
+        w, x = sparse_matrix(m, k, sp, seed=i), randn(k, n + 3, seed=i)[:, 3:]  # misaligned rows
+        outs.append((check("cpu", torch.device("cpu"), w, x), w, x))
+    for y, w, x in outs:
+        torch.testing.assert_close(y, w @ x, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
