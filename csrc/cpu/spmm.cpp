@@ -111,6 +111,10 @@ struct TileArgs {
   // y + r*ldy + wdst[v] (compress on store, expand on reload).  Null: plain rows.
   const uint16_t* wmask;
   const int32_t* wdst;
+  // Non-temporal stores (the output outgrows L2; plain rows, single K panel, 64-byte aligned
+  // tiles): they skip the read-for-ownership of every output line, which is most of the time of
+  // a 1x1 conv at 90-95% sparsity (the output is 3 MB against 0.2 MB of weights).
+  bool stream = false;
 };
 template <typename T>
 using TileFn = void (*)(const TileArgs<T>&);
@@ -264,6 +268,7 @@ S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
       if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
       if constexpr (WRAP) _mm512_mask_storeu_ps(yr + a.wdst[v], wpacked[v], _mm512_maskz_compress_ps(wm[v], o));
       else if (TAIL && v == V - 1) _mm512_mask_storeu_ps(yr + 16 * v, tm, o);
+      else if (a.stream) _mm512_stream_ps(yr + 16 * v, o);
       else _mm512_storeu_ps(yr + 16 * v, o);
     }
   }
@@ -375,6 +380,7 @@ S2H_AVX2 void tile_avx2(const TileArgs<float>& a) {
       __m256 o = acc[0][v];
       if (relu) o = _mm256_max_ps(o, _mm256_setzero_ps());
       if (TAIL && v == V - 1) _mm256_maskstore_ps(yr + 8 * v, tm, o);
+      else if (a.stream) _mm256_stream_ps(yr + 8 * v, o);
       else _mm256_storeu_ps(yr + 8 * v, o);
     }
   }
@@ -548,6 +554,8 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
   if (wrap && !wrap_native) s.tile.resize(static_cast<size_t>(rows * tc));
   uint16_t wmask[16];
   int32_t wdst[16];
+  const int64_t y_bytes = p.batch * (p.y_bstride > 0 ? p.y_bstride : p.m * p.ldy) * (int64_t)sizeof(T);
+  const bool stream = panels == 1 && !wrap && p.ldy % 16 == 0 && y_bytes >= env_int("S2H_SPMM_STREAM", 2 << 20);
 
   TileArgs<T> a{};
   a.vals = p.vals;
@@ -606,6 +614,7 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
       }
       a.first = q == 0;
       a.last = q == panels - 1;
+      a.stream = stream && reinterpret_cast<uintptr_t>(a.y) % 64 == 0;
       fn(a);
     }
     if (!wrap || wrap_native) continue;
@@ -682,6 +691,7 @@ void run(const Problem<T>& p) {
   };
   if (parts <= 1) {
     run_part(p, k, tc, panel_cols, 0, p.m, once(0, ntiles));
+    _mm_sfence();  // order the streaming stores before the caller reads y
     return;
   }
   const int64_t per_thread = std::max<int64_t>(1, env_int("S2H_SPMM_CHUNKS", 4));
@@ -692,6 +702,7 @@ void run(const Problem<T>& p) {
       for (int64_t c; (c = counter.fetch_add(1)) < chunks;)
         run_part(p, k, tc, panel_cols, split_rows(p.row_ptr, p.m, chunks, c, 4),
                  split_rows(p.row_ptr, p.m, chunks, c + 1, 4), once(0, ntiles));
+      _mm_sfence();
     });
   } else {
     const int64_t step = std::max<int64_t>(1, ntiles / (parts * per_thread));
@@ -702,6 +713,7 @@ void run(const Problem<T>& p) {
         t1 = std::min(ntiles, t0 + step);
         return true;
       });
+      _mm_sfence();
     });
   }
 }

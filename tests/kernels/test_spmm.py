@@ -224,6 +224,16 @@ def test_conv_cpu_isas(monkeypatch, isa, cfg, sparsity):
     conv_check("cpu", torch.device("cpu"), *cfg, sparsity=sparsity)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_streaming_stores(monkeypatch, isa):
+    # S2H_SPMM_STREAM=0: non-temporal stores for every output size (by default above 2 MB),
+    # on the plain-row paths they apply to: a matmul with aligned rows and a batched 1x1 conv.
+    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+    monkeypatch.setenv("S2H_SPMM_STREAM", "0")
+    check("cpu", torch.device("cpu"), sparse_matrix(40, 90, 0.8), randn(90, 160), randn(40, seed=2), relu=True)
+    conv_check("cpu", torch.device("cpu"), 3, 24, 8, 8, 48, 1, 1, 0, 1, 1, sparsity=0.9)
+
+
 def test_conv_float64_and_unbatched(backend, device_for):
     device = device_for(backend)
     conv_check(backend, device, 2, 4, 7, 9, 6, 3, 2, 1, 1, 2, dtype=torch.float64)
