@@ -200,79 +200,40 @@ constexpr int chains(int v) { return v >= 8 ? 1 : v >= 4 ? 2 : v >= 2 ? 4 : 8; }
 // AVX-512
 #define S2H_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt")))
 
-template <int V, bool TAIL, bool WRAP = false>
-S2H_AVX512 void tile_avx512(const TileArgs<float>& a) {
-  constexpr int U = chains(V);
-  const __mmask16 tm = TAIL ? static_cast<__mmask16>((1u << (a.nv - 16 * (V - 1))) - 1u) : 0xFFFF;
-  __mmask16 wm[V], wpacked[V];
-  if constexpr (WRAP) {
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      wm[v] = a.wmask[v];
-      wpacked[v] = static_cast<__mmask16>((1u << __builtin_popcount(a.wmask[v])) - 1u);
-    }
+// Vector operations of each ISA for the tile kernel of spmm_tile.inc, which is compiled once
+// per ISA inside a `#pragma GCC target` region (in a namespace of its own).
+#define S2H_VEC_OP [[gnu::always_inline]] static inline
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma,popcnt")
+namespace isa_avx512 {
+struct Ops {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr bool kCompress = true;  // the conv grid epilogue (compress / expand)
+  S2H_VEC_OP Mask tail_mask(int64_t n) { return static_cast<Mask>((1u << n) - 1u); }  // lanes i < n
+  S2H_VEC_OP Vec zero() { return _mm512_setzero_ps(); }
+  S2H_VEC_OP Vec set1(float v) { return _mm512_set1_ps(v); }
+  S2H_VEC_OP Vec bcast(const float* p) { return _mm512_set1_ps(*p); }
+  S2H_VEC_OP Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  S2H_VEC_OP Vec load_tail(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  S2H_VEC_OP void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  S2H_VEC_OP void store_tail(float* p, Mask m, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+  S2H_VEC_OP void stream(float* p, Vec v) { _mm512_stream_ps(p, v); }
+  S2H_VEC_OP Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  S2H_VEC_OP Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  S2H_VEC_OP Vec relu(Vec v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
+  // Conv grid: the kept lanes of a vector live packed in y (compress on store, expand on reload).
+  S2H_VEC_OP Vec expand_load(uint16_t keep, uint16_t packed, const float* p) {
+    return _mm512_maskz_expand_ps(keep, _mm512_maskz_loadu_ps(packed, p));
   }
-  const float* __restrict vals = a.vals;
-  const int32_t* __restrict off = a.off - a.nnz_base;
-  const float* __restrict xq = a.xq;
-  for (int64_t r = a.r0; r < a.r1; ++r) {
-    int64_t j = a.rs[r];
-    const int64_t e = a.re[r];
-    if (j == e && !a.first && !(a.last && a.relu)) continue;  // nothing in this panel
-    float* yr = a.y + r * a.ldy;
-    __m512 acc[U][V];
-#pragma GCC unroll 16
-    for (int u = 0; u < U; ++u)
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
-    if (a.first) {
-      const __m512 b = _mm512_set1_ps(a.bias ? a.bias[r] : 0.f);
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[0][v] = b;
-    } else {
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) {
-        if constexpr (WRAP) acc[0][v] = _mm512_maskz_expand_ps(wm[v], _mm512_maskz_loadu_ps(wpacked[v], yr + a.wdst[v]));
-        else acc[0][v] = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, yr + 16 * v) : _mm512_loadu_ps(yr + 16 * v);
-      }
-    }
-    for (; j + U <= e; j += U) {
-#pragma GCC unroll 16
-      for (int u = 0; u < U; ++u) {
-        const float* xr = xq + off[j + u];
-        const __m512 w = _mm512_set1_ps(vals[j + u]);
-#pragma GCC unroll 16
-        for (int v = 0; v < V; ++v) {
-          const __m512 xv = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
-          acc[u][v] = _mm512_fmadd_ps(w, xv, acc[u][v]);
-        }
-      }
-    }
-    for (; j < e; ++j) {
-      const float* xr = xq + off[j];
-      const __m512 w = _mm512_set1_ps(vals[j]);
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) {
-        const __m512 xv = (TAIL && v == V - 1) ? _mm512_maskz_loadu_ps(tm, xr + 16 * v) : _mm512_loadu_ps(xr + 16 * v);
-        acc[0][v] = _mm512_fmadd_ps(w, xv, acc[0][v]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int u = 1; u < U; ++u)
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[0][v] = _mm512_add_ps(acc[0][v], acc[u][v]);
-    const bool relu = a.relu && a.last;
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      __m512 o = acc[0][v];
-      if (relu) o = _mm512_max_ps(o, _mm512_setzero_ps());
-      if constexpr (WRAP) _mm512_mask_storeu_ps(yr + a.wdst[v], wpacked[v], _mm512_maskz_compress_ps(wm[v], o));
-      else if (TAIL && v == V - 1) _mm512_mask_storeu_ps(yr + 16 * v, tm, o);
-      else if (a.stream) _mm512_stream_ps(yr + 16 * v, o);
-      else _mm512_storeu_ps(yr + 16 * v, o);
-    }
+  S2H_VEC_OP void compress_store(float* p, uint16_t keep, uint16_t packed, Vec v) {
+    _mm512_mask_storeu_ps(p, packed, _mm512_maskz_compress_ps(keep, v));
   }
-}
+};
+#include "cpu/spmm_tile.inc"
+}  // namespace isa_avx512
+#pragma GCC pop_options
 
 S2H_AVX512 void dot_avx512(const float* vals, const int32_t* row_ptr, const int32_t* col, int64_t r0, int64_t r1,
                            const float* x, float* y, int64_t ldy, const float* bias, bool relu) {
@@ -296,22 +257,12 @@ S2H_AVX512 void dot_avx512(const float* vals, const int32_t* row_ptr, const int3
   }
 }
 
-template <int V>
-void set_avx512(Kernels<float>& k) {
-  k.full[V] = tile_avx512<V, false>;
-  k.tail[V] = tile_avx512<V, true>;
-  // The conv buffer has slack past every grid end: loads need no tail mask, the compress mask
-  // keeps the valid lanes.
-  k.wrap[V] = tile_avx512<V, false, true>;
-  if constexpr (V > 1) set_avx512<V - 1>(k);
-}
-
 Kernels<float> avx512_kernels() {
   Kernels<float> k{};
   k.width = 16;
   k.vmax = 8;
   k.vwide = 16;  // 16 accumulators of the 32 zmm registers
-  set_avx512<16>(k);
+  isa_avx512::set_tiles<isa_avx512::Ops, 16>(k);
   k.dot = dot_avx512;
   return k;
 }
@@ -324,67 +275,30 @@ S2H_AVX2 inline __m256i tail_mask_avx2(int64_t n) {  // lanes i < n
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-template <int V, bool TAIL>
-S2H_AVX2 void tile_avx2(const TileArgs<float>& a) {
-  constexpr int U = chains(V);
-  const __m256i tm = tail_mask_avx2(TAIL ? a.nv - 8 * (V - 1) : 8);
-  const float* __restrict vals = a.vals;
-  const int32_t* __restrict off = a.off - a.nnz_base;
-  const float* __restrict xq = a.xq;
-  for (int64_t r = a.r0; r < a.r1; ++r) {
-    int64_t j = a.rs[r];
-    const int64_t e = a.re[r];
-    if (j == e && !a.first && !(a.last && a.relu)) continue;  // nothing in this panel
-    float* yr = a.y + r * a.ldy;
-    __m256 acc[U][V];
-#pragma GCC unroll 16
-    for (int u = 0; u < U; ++u)
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
-    if (a.first) {
-      const __m256 b = _mm256_set1_ps(a.bias ? a.bias[r] : 0.f);
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[0][v] = b;
-    } else {
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[0][v] = (TAIL && v == V - 1) ? _mm256_maskload_ps(yr + 8 * v, tm) : _mm256_loadu_ps(yr + 8 * v);
-    }
-    for (; j + U <= e; j += U) {
-#pragma GCC unroll 16
-      for (int u = 0; u < U; ++u) {
-        const float* xr = xq + off[j + u];
-        const __m256 w = _mm256_broadcast_ss(vals + j + u);
-#pragma GCC unroll 16
-        for (int v = 0; v < V; ++v) {
-          const __m256 xv = (TAIL && v == V - 1) ? _mm256_maskload_ps(xr + 8 * v, tm) : _mm256_loadu_ps(xr + 8 * v);
-          acc[u][v] = _mm256_fmadd_ps(w, xv, acc[u][v]);
-        }
-      }
-    }
-    for (; j < e; ++j) {
-      const float* xr = xq + off[j];
-      const __m256 w = _mm256_broadcast_ss(vals + j);
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) {
-        const __m256 xv = (TAIL && v == V - 1) ? _mm256_maskload_ps(xr + 8 * v, tm) : _mm256_loadu_ps(xr + 8 * v);
-        acc[0][v] = _mm256_fmadd_ps(w, xv, acc[0][v]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int u = 1; u < U; ++u)
-#pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
-    const bool relu = a.relu && a.last;
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      __m256 o = acc[0][v];
-      if (relu) o = _mm256_max_ps(o, _mm256_setzero_ps());
-      if (TAIL && v == V - 1) _mm256_maskstore_ps(yr + 8 * v, tm, o);
-      else if (a.stream) _mm256_stream_ps(yr + 8 * v, o);
-      else _mm256_storeu_ps(yr + 8 * v, o);
-    }
-  }
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+struct Ops {
+  using Vec = __m256;
+  using Mask = __m256i;
+  static constexpr int kLanes = 8;
+  static constexpr bool kCompress = false;
+  S2H_VEC_OP Mask tail_mask(int64_t n) { return tail_mask_avx2(n); }
+  S2H_VEC_OP Vec zero() { return _mm256_setzero_ps(); }
+  S2H_VEC_OP Vec set1(float v) { return _mm256_set1_ps(v); }
+  S2H_VEC_OP Vec bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  S2H_VEC_OP Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  S2H_VEC_OP Vec load_tail(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  S2H_VEC_OP void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  S2H_VEC_OP void store_tail(float* p, Mask m, Vec v) { _mm256_maskstore_ps(p, m, v); }
+  S2H_VEC_OP void stream(float* p, Vec v) { _mm256_stream_ps(p, v); }
+  S2H_VEC_OP Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  S2H_VEC_OP Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  S2H_VEC_OP Vec relu(Vec v) { return _mm256_max_ps(v, _mm256_setzero_ps()); }
+};
+#include "cpu/spmm_tile.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
 
 S2H_AVX2 inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -415,19 +329,12 @@ S2H_AVX2 void dot_avx2(const float* vals, const int32_t* row_ptr, const int32_t*
   }
 }
 
-template <int V>
-void set_avx2(Kernels<float>& k) {
-  k.full[V] = tile_avx2<V, false>;
-  k.tail[V] = tile_avx2<V, true>;
-  if constexpr (V > 1) set_avx2<V - 1>(k);
-}
-
 Kernels<float> avx2_kernels() {
   Kernels<float> k{};
   k.width = 8;
   k.vmax = 8;
   k.vwide = 8;   // 16 ymm registers
-  set_avx2<8>(k);
+  isa_avx2::set_tiles<isa_avx2::Ops, 8>(k);
   k.dot = dot_avx2;
   return k;
 }
