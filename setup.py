@@ -55,7 +55,7 @@ def extension():
     include = [os.path.join(root, "csrc")]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -march=native: wheels run on other machines. ISA-specific code is compiled per
-    # function with target attributes and chosen at run time.
+    # function with target attributes (or `#pragma GCC target` regions) and chosen at run time.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     link = ["-fopenmp"]
     if cuda_toolkit_found():

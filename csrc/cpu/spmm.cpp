@@ -26,7 +26,8 @@
 // development VM): S2H_SPMM_TILE_V (vectors per tile), S2H_SPMM_L1 / _PARTIALS / _PMIN (K panels),
 // S2H_SPMM_WORK (work per thread before going parallel), S2H_SPMM_CHUNKS (chunks per thread),
 // S2H_SPMM_ALIGN (reuse that pays the aligned copy of X), S2H_SPMM_TAIL_DOT / _TAIL_X (tail
-// columns by the dot kernel), S2H_SPMM_STREAM (output bytes from which stores bypass the caches).
+// columns by the dot kernel), S2H_SPMM_STREAM (output bytes from which stores bypass the caches),
+// S2H_SPMM_KEEP_SCRATCH (largest copy buffer kept per thread).
 //
 // Conv without im2col: the input is copied once into a zero-padded, stride-phase-split buffer
 // (csrc/common/spmm.h, conv_tap_offset), every column of the packed (M, C/g*kh*kw) weight
@@ -401,8 +402,11 @@ Scratch<T>& scratch() {
 
 // Per-thread, 64-byte aligned buffer for the copies of X the ops make (aligned rows, the padded
 // conv input), kept across calls: a fresh allocation of that size is mmapped and page-faults on
-// every call, which cost up to 40% of a call at 95% sparsity.  It only grows (like oneDNN's
-// scratchpad); the view it returns is valid until the next call on the same thread.
+// every call, which cost up to 40% of a call at 95% sparsity.  It grows up to 64 MB per thread
+// (S2H_SPMM_KEEP_SCRATCH bytes; like oneDNN's scratchpad); larger copies get a fresh tensor each
+// call, so that a big batch does not pin its buffer for the life of the thread.  The view is
+// valid until the next call on the same thread.
+
 template <typename T>
 at::Tensor x_scratch(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t numel, const at::TensorOptions& opts) {
   struct Buf {
@@ -411,9 +415,14 @@ at::Tensor x_scratch(at::IntArrayRef sizes, at::IntArrayRef strides, int64_t num
   };
   thread_local Buf buf;
   const size_t need = (static_cast<size_t>(std::max<int64_t>(numel, 1)) * sizeof(T) + 63) / 64 * 64;
+  if (need > static_cast<size_t>(env_int("S2H_SPMM_KEEP_SCRATCH", int64_t(64) << 20)))
+    return at::empty({static_cast<int64_t>(need / sizeof(T))}, opts).as_strided(sizes, strides);
   if (need > buf.bytes) {
-    buf.p.reset(std::aligned_alloc(64, need));
-    TORCH_CHECK(buf.p, "spmm: out of memory for a ", need, "-byte scratch buffer");
+    buf.p.reset();
+    buf.bytes = 0;
+    void* q = std::aligned_alloc(64, need);
+    TORCH_CHECK(q, "spmm: out of memory for a ", need, "-byte scratch buffer");
+    buf.p.reset(q);
     buf.bytes = need;
   }
   return at::from_blob(buf.p.get(), sizes, strides, opts);
@@ -448,7 +457,7 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
   }
   // K panels: pp[q*rows + (r - r0)] = first nonzero of row r with column >= q*panel_cols.
   const int64_t rows = r1 - r0;
-  const int64_t panels = (p.k + panel_cols - 1) / panel_cols;
+  const int64_t panels = std::max<int64_t>(1, (p.k + panel_cols - 1) / panel_cols);  // K == 0: one empty panel
   if (panels > 1) {
     s.pp.resize(static_cast<size_t>((panels + 1) * rows));
     int32_t* pp = s.pp.data();
@@ -678,7 +687,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   // one thread: 512x4608x49 and 256x2304x49 gain 12%, 512x1024x17 11%; 1024x1024x49 (X 256 KB)
   // loses 7%, its rows being too short to repay the dot kernel's per-row cost.
   const int64_t nnz = col_idx.numel(), k = x.size(0);
-  const bool reused = x.scalar_type() == at::kFloat && n >= 16 && nnz >= env_int("S2H_SPMM_ALIGN", 16) * k;
+  const bool reused = x.scalar_type() == at::kFloat && n >= 16 && k > 0 && nnz >= env_int("S2H_SPMM_ALIGN", 16) * k;
   const bool far_or_few = n < 48 || k * ((n + 15) / 16 * 16) * 4 > env_int("S2H_SPMM_TAIL_X", 512 * 1024);
   const int64_t tail = reused && n > 16 && far_or_few && n % 16 <= env_int("S2H_SPMM_TAIL_DOT", 2) ? n % 16 : 0;
   const bool misaligned = x.stride(0) % 16 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 64 != 0;
@@ -722,6 +731,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
     p.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     p.relu = relu;
     run(p);
+    TORCH_INTERNAL_ASSERT(tail == 0 || (std::is_same_v<scalar_t, float>));
     for (int64_t c = 0; c < tail; ++c) {  // one column each: N == 1, the dot kernel (float only)
       p.x = reinterpret_cast<const scalar_t*>(tail_cols) + c * k;
       p.ldx = 1;

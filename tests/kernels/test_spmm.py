@@ -142,16 +142,26 @@ def test_cpu_tail_columns_by_dot_kernel(monkeypatch, isa, n):
     check("cpu", torch.device("cpu"), w, randn(150, n + 5, seed=n)[:, 5:], randn(48, seed=3), relu=True)
 
 
-def test_cpu_scratch_reused_across_calls():
-    # The aligned copy of X lives in a per-thread buffer reused by the next call: outputs of
-    # earlier calls must not change, and a smaller call after a larger one must read its own X.
-    cases = [(96, 400, 49, 0.6), (32, 64, 23, 0.2), (96, 400, 196, 0.8), (32, 64, 23, 0.2)]
-    outs = []
+@pytest.mark.parametrize("keep", ["default", "0"])
+def test_cpu_scratch_reused_across_calls(monkeypatch, keep):
+    # The aligned copy of X (and its tail columns) lives in a per-thread buffer that the next call
+    # reuses: a smaller call after a larger one must read only its own X.  keep=0: no buffer is
+    # kept, every copy gets a fresh tensor (the path of copies over 64 MB).
+    if keep != "default":
+        monkeypatch.setenv("S2H_SPMM_KEEP_SCRATCH", keep)
+    cases = [(96, 400, 196, 0.6), (48, 64, 17, 0.2), (96, 400, 34, 0.5), (48, 64, 17, 0.2), (20, 30, 40, 0.0)]
     for i, (m, k, n, sp) in enumerate(cases):
         w, x = sparse_matrix(m, k, sp, seed=i), randn(k, n + 3, seed=i)[:, 3:]  # misaligned rows
-        outs.append((check("cpu", torch.device("cpu"), w, x), w, x))
-    for y, w, x in outs:
-        torch.testing.assert_close(y, w @ x, rtol=1e-5, atol=1e-4)
+        check("cpu", torch.device("cpu"), w, x, randn(m, seed=i), relu=i % 2 == 1)
+
+
+@pytest.mark.parametrize("n", [1, 5, 20, 49])
+def test_cpu_empty_k(n):
+    # K == 0: W @ X is zero, the output is the bias (after ReLU) in every column.
+    sw = SparseWeight.from_dense(torch.zeros(6, 0))
+    bias = randn(6, seed=4)
+    y = s2h_kernels.spmm(sw, torch.zeros(0, n), bias, relu=True)
+    torch.testing.assert_close(y, torch.relu(bias)[:, None].expand(6, n))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
