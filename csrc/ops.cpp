@@ -25,6 +25,10 @@ TORCH_LIBRARY(s2h, m) {
   // row_order (optional): the GPU row swizzle, rows by decreasing nnz; the CPU ignores it.
   m.def("spmm(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order, Tensor x, Tensor? bias, bool relu)"
         " -> Tensor");
+  // W @ x for one column x (a Linear layer at batch 1), W in the SELL-16 packing of
+  // SparseWeight.sell(): y (m, 1).  CPU only.
+  m.def("spmv_sell(Tensor values, Tensor cols, Tensor slice_ptr, Tensor rows, int m, Tensor x, Tensor? bias,"
+        " bool relu) -> Tensor");
   // Direct sparse conv2d; W is the (M, C/groups*kh*kw) matrix in F.unfold column order.
   m.def("spmm_conv2d(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor x, Tensor? bias, int[2] kernel_size,"
         " int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");

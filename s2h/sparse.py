@@ -44,6 +44,7 @@ log = logging.getLogger("s2h.sparse")
 
 _spmm_op = torch.ops.s2h.spmm.default
 _conv_op = torch.ops.s2h.spmm_conv2d.default
+_sell_op = torch.ops.s2h.spmv_sell.default
 
 
 def _sparsity(weight: torch.Tensor) -> float:
@@ -119,7 +120,10 @@ class SparseLinear(_SparseBase):
         x2 = x.reshape(-1, self.in_features)
         values, row_ptr, col_idx, bias, dtype = self._op_args()
         if x2.dtype is dtype and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
-            y = _spmm_op(values, row_ptr, col_idx, None, x2.t(), bias, self.relu)
+            if x2.shape[0] == 1 and dtype is torch.float32:  # batch 1: the SELL-16 kernel
+                y = _sell_op(*self.sparse_weight.sell(), self.out_features, x2.t(), bias, self.relu)
+            else:
+                y = _spmm_op(values, row_ptr, col_idx, None, x2.t(), bias, self.relu)
         else:
             y = spmm(self.sparse_weight, x2.t(), self.bias, self.relu)  # (out, B)
         y = y.t()

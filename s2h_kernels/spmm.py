@@ -20,8 +20,10 @@ Backends:
     nnz-balanced partition of the rows (or of the N tiles, when X outweighs W), in several chunks
     per thread pulled dynamically.  Runtime ISA dispatch AVX-512 / AVX2 / portable through
     ``__builtin_cpu_supports`` (no -march=native); ``S2H_SPMM_ISA=avx2|scalar`` forces a lower
-    one.  N == 1 (a Linear layer at batch 1) runs a gather dot product per row.  X rows that do
-    not start on a cache line are copied aligned once when each is reused enough (nnz >= 16 K).
+    one.  N == 1 (a Linear layer at batch 1) in float32 runs ``s2h::spmv_sell`` on a SELL-16
+    packing (:meth:`SparseWeight.sell`, built once and cached): one gather and one FMA per 16
+    nonzeros of 16 rows; float64 runs a gather dot product per row.  X rows that do not start on
+    a cache line are copied aligned once when each is reused enough (nnz >= 16 K).
   * CUDA tensors: Triton by default (the kernel below), CUDA C++ (csrc/cuda/spmm.cu, warp per
     row with the row swizzle) with ``backend="cuda"``.
 
@@ -58,7 +60,7 @@ class SparseWeight:
     Build one with :meth:`from_dense`.  The tensors are plain attributes; ``to()`` moves them.
     """
 
-    __slots__ = ("values", "row_ptr", "col_idx", "row_order", "shape")
+    __slots__ = ("values", "row_ptr", "col_idx", "row_order", "shape", "_sell")
 
     def __init__(self, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                  shape: Sequence[int], row_order: Optional[torch.Tensor] = None):
@@ -80,6 +82,7 @@ class SparseWeight:
             counts = (row_ptr[1:] - row_ptr[:-1]).long()
             row_order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
         self.row_order = row_order
+        self._sell = None  # (key, pack) of sell(), built on first use
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "SparseWeight":
@@ -134,6 +137,20 @@ class SparseWeight:
         return SparseWeight(values, self.row_ptr.to(device), self.col_idx.to(device), self.shape,
                             self.row_order.to(device))
 
+    def sell(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The SELL-16 packing the CPU batch-1 kernel (``s2h::spmv_sell``) reads: built on first
+        use, cached, rebuilt when ``values`` is replaced or modified in place.
+
+        Returns ``(values, cols, slice_ptr, rows)``: the rows, longest first (``row_order``), are
+        taken 16 at a time; slice s holds the j-th nonzero of each of its 16 rows side by side at
+        ``[slice_ptr[s] + 16*j + lane]``, padded with zeros (column 0) to its longest row;
+        ``rows[16*s + lane]`` is the output row of a lane, -1 past M.
+        """
+        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
+        if self._sell is None or self._sell[0] != key:
+            self._sell = (key, _pack_sell(self))
+        return self._sell[1]
+
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
         rows = torch.repeat_interleave(torch.arange(m, device=self.device),
@@ -145,6 +162,33 @@ class SparseWeight:
     def __repr__(self) -> str:
         return (f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.1%}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _pack_sell(sw: SparseWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SELL-16 packing of ``sw`` (see :meth:`SparseWeight.sell`), with torch ops."""
+    m, dev = sw.shape[0], sw.device
+    slices = (m + 15) // 16
+    counts = (sw.row_ptr[1:] - sw.row_ptr[:-1]).long()
+    order = sw.row_order.long()
+    rows = torch.full((slices * 16,), -1, dtype=torch.int32, device=dev)
+    rows[:m] = order.to(torch.int32)
+    lengths = torch.zeros(slices * 16, dtype=torch.long, device=dev)
+    lengths[:m] = counts[order]
+    slice_ptr = torch.zeros(slices + 1, dtype=torch.long, device=dev)
+    slice_ptr[1:] = torch.cumsum(lengths.view(slices, 16).amax(dim=1) * 16, 0)
+    total = int(slice_ptr[-1])
+    values = torch.zeros(total, dtype=sw.values.dtype, device=dev)
+    cols = torch.zeros(total, dtype=torch.int32, device=dev)
+    if sw.nnz:
+        lane_of_row = torch.empty(m, dtype=torch.long, device=dev)
+        lane_of_row[order] = torch.arange(m, device=dev)  # position of each row in the sorted order
+        row = torch.repeat_interleave(torch.arange(m, device=dev), counts)
+        step = torch.arange(sw.nnz, device=dev) - sw.row_ptr[:-1].long()[row]
+        q = lane_of_row[row]
+        pos = slice_ptr[q // 16] + 16 * step + q % 16
+        values[pos] = sw.values
+        cols[pos] = sw.col_idx
+    return values, cols, slice_ptr, rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +252,11 @@ def _spmm_triton(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
 @torch.library.register_fake("s2h::spmm")
 def _spmm_fake(values, row_ptr, col_idx, row_order, x, bias, relu):
     return x.new_empty((row_ptr.shape[0] - 1, x.shape[1]))
+
+
+@torch.library.register_fake("s2h::spmv_sell")
+def _spmv_sell_fake(values, cols, slice_ptr, rows, m, x, bias, relu):
+    return x.new_empty((m, 1))
 
 
 @torch.library.register_fake("s2h::spmm_triton")
@@ -322,6 +371,8 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
     if chosen == "triton":
         y = torch.ops.s2h.spmm_triton(values, sparse_weight.row_ptr, sparse_weight.col_idx, sparse_weight.row_order,
                                       xc, b, bool(relu))
+    elif chosen == "cpu" and x.shape[1] == 1 and values.dtype is torch.float32 and values is sparse_weight.values:
+        y = torch.ops.s2h.spmv_sell(*sparse_weight.sell(), m, xc, b, bool(relu))  # batch-1 Linear: SELL-16
     else:
         y = torch.ops.s2h.spmm(values, sparse_weight.row_ptr, sparse_weight.col_idx,
                                sparse_weight.row_order if chosen == "cuda" else None, xc, b, bool(relu))

@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-# CPU-only by design: on CUDA the sparse conv runs as F.unfold + s2h::spmm (s2h_kernels/spmm.py).
-CPU_ONLY = {"s2h::spmm_conv2d"}
+# CPU-only by design: on CUDA the sparse conv runs as F.unfold + s2h::spmm, and batch-1 Linear
+# layers as s2h::spmm with N = 1 (s2h_kernels/spmm.py).
+CPU_ONLY = {"s2h::spmm_conv2d", "s2h::spmv_sell"}
 
 torch.ops.load_library(sys.argv[1])
 ops = sorted(

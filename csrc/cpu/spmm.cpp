@@ -52,48 +52,13 @@
 #include <vector>
 
 #include "common/spmm.h"
+#include "cpu/spmm_isa.h"
 
 // GCC flags the "undefined" lanes inside its own AVX-512 intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace s2h::spmm {
 namespace {
-
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return (v && *v) ? std::atoll(v) : fallback;
-}
-
-// ----------------------------------------------------------------------------------------------
-// ISA choice
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
-
-const char* isa_name(Isa isa) {
-  return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar";
-}
-
-Isa best_isa() {
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-    return Isa::scalar;
-  }();
-  return best;
-}
-
-Isa active_isa() {
-  const char* env = std::getenv("S2H_SPMM_ISA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best_isa();
-  Isa want;
-  if (std::strcmp(env, "avx512") == 0) want = Isa::avx512;
-  else if (std::strcmp(env, "avx2") == 0) want = Isa::avx2;
-  else if (std::strcmp(env, "scalar") == 0) want = Isa::scalar;
-  else TORCH_CHECK(false, "spmm: S2H_SPMM_ISA=", env, " is not one of auto, avx512, avx2, scalar");
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_isa()), "spmm: S2H_SPMM_ISA=", env,
-              " but this CPU supports at most ", isa_name(best_isa()));
-  return want;
-}
 
 // ----------------------------------------------------------------------------------------------
 // Kernel interface.  A "tile" call computes rows [r0, r1) of one tile of nv (<= tile width)

@@ -257,6 +257,72 @@ def test_conv_float64_and_unbatched(backend, device_for):
 
 # ---- torch.library: schema / fake kernels, torch.compile ----
 
+# ---- N == 1 on the CPU: the SELL-16 kernel (s2h::spmv_sell) ----
+
+SELL = [
+    (1, 5, 0.0),
+    (15, 40, 0.7),     # one partial slice
+    (16, 33, 0.9),     # exactly one slice
+    (17, 64, 0.5),     # a slice of one row
+    (100, 300, 0.95),  # uneven rows, sorted into slices
+    (40, 20, 1.0),     # every row empty: bias only
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,sparsity", SELL)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spmv_sell_matches_dense(monkeypatch, isa, m, k, sparsity, threads):
+    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = sparse_matrix(m, k, sparsity, seed=m + k, empty_rows=(0,) if m > 2 else ())
+        sw, x, bias = SparseWeight.from_dense(w), randn(k, 1, seed=k), randn(m, seed=5)
+        ref = reference.spmm(sw, x, bias, relu=True)
+        y = torch.ops.s2h.spmv_sell(*sw.sell(), m, x, bias, True)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s2h_kernels.spmm(sw, x[:, 0]), reference.spmm(sw, x[:, 0]), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_spmv_sell_many_threads_balanced():
+    # Enough packed entries for the slice ranges of several threads (2^14 per thread).
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check("cpu", torch.device("cpu"), sparse_matrix(700, 400, 0.8, seed=3), randn(400, 1, seed=3)[::1], randn(700))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_sell_packing_follows_the_weight():
+    w = sparse_matrix(20, 30, 0.6)
+    sw = SparseWeight.from_dense(w)
+    x = randn(30, 1)
+    first = s2h_kernels.spmm(sw, x)
+    values, cols, slice_ptr, rows = sw.sell()
+    assert sw.sell()[0] is values  # cached
+    assert sorted(rows[rows >= 0].tolist()) == list(range(20)) and slice_ptr[-1] == values.numel()
+    sw.values.mul_(2)  # in place: the packing is rebuilt
+    torch.testing.assert_close(s2h_kernels.spmm(sw, x), 2 * first)
+
+
+def test_spmv_sell_rejects_bad_input():
+    sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.6))
+    values, cols, slice_ptr, rows = sw.sell()
+    x = randn(30, 1)
+    with pytest.raises(RuntimeError, match="rows"):
+        torch.ops.s2h.spmv_sell(values, cols, slice_ptr, torch.where(rows == 3, 25, rows), 20, x, None, False)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.s2h.spmv_sell(values.double(), cols, slice_ptr, rows, 20, x.double(), None, False)
+    with pytest.raises(RuntimeError, match=r"\(K,\) or \(K, 1\)"):
+        torch.ops.s2h.spmv_sell(values, cols, slice_ptr, rows, 20, randn(30, 2), None, False)
+    with pytest.raises(RuntimeError, match="slice_ptr"):
+        torch.ops.s2h.spmv_sell(values, cols, slice_ptr + 1, rows, 20, x, None, False)
+
+
 def test_opcheck_cpu():
     sw = SparseWeight.from_dense(sparse_matrix(10, 12, 0.5))
     x = randn(12, 7)
@@ -265,6 +331,7 @@ def test_opcheck_cpu():
     xc = randn(2, 4, 7, 8)
     torch.library.opcheck(torch.ops.s2h.spmm_conv2d.default,
                           (sw2.values, sw2.row_ptr, sw2.col_idx, xc, None, [3, 3], [2, 1], [1, 1], [1, 1], 1, False))
+    torch.library.opcheck(torch.ops.s2h.spmv_sell.default, (*sw.sell(), 10, randn(12, 1), randn(10), True))
 
 
 def test_opcheck_triton(device_for):
