@@ -65,7 +65,8 @@ class _SparseBase(nn.Module):
     @property
     def sparse_weight(self) -> SparseWeight:
         sw = getattr(self, "_sw", None)
-        if sw is None or sw.values is not self.values or sw.row_ptr is not self.row_ptr:
+        if sw is None or any(a is not b for a, b in ((sw.values, self.values), (sw.row_ptr, self.row_ptr),
+                                                     (sw.col_idx, self.col_idx), (sw.row_order, self.row_order))):
             sw = SparseWeight(self.values, self.row_ptr, self.col_idx, self._shape, self.row_order)
             self._sw = sw  # plain attribute: rebuilt when .to() / load_state_dict replace the buffers
         return sw
@@ -120,7 +121,7 @@ class SparseLinear(_SparseBase):
         x2 = x.reshape(-1, self.in_features)
         values, row_ptr, col_idx, bias, dtype = self._op_args()
         if x2.dtype is dtype and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
-            if x2.shape[0] == 1 and dtype is torch.float32:  # batch 1: the SELL-16 kernel
+            if x2.shape[0] == 1 and dtype is torch.float32 and not torch.compiler.is_compiling():  # batch 1: SELL-16
                 y = _sell_op(*self.sparse_weight.sell(), self.out_features, x2.t(), bias, self.relu)
             else:
                 y = _spmm_op(values, row_ptr, col_idx, None, x2.t(), bias, self.relu)

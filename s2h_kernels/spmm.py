@@ -146,10 +146,13 @@ class SparseWeight:
         ``[slice_ptr[s] + 16*j + lane]``, padded with zeros (column 0) to its longest row;
         ``rows[16*s + lane]`` is the output row of a lane, -1 past M.
         """
-        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
-        if self._sell is None or self._sell[0] != key:
-            self._sell = (key, _pack_sell(self))
-        return self._sell[1]
+        tensors = (self.values, self.row_ptr, self.col_idx, self.row_order)
+        # Inference tensors keep no version counter; they cannot be modified in place either.
+        version = -1 if self.values.is_inference() else self.values._version
+        cached = getattr(self, "_sell", None)  # (pickles made before the slot existed lack it)
+        if cached is None or cached[1] != version or any(a is not b for a, b in zip(cached[0], tensors)):
+            cached = self._sell = (tensors, version, _pack_sell(self))
+        return cached[2]
 
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape
@@ -170,6 +173,8 @@ def _pack_sell(sw: SparseWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     slices = (m + 15) // 16
     counts = (sw.row_ptr[1:] - sw.row_ptr[:-1]).long()
     order = sw.row_order.long()
+    if order.shape != (m,) or not torch.equal(torch.sort(order).values, torch.arange(m, device=dev)):
+        raise ValueError(f"SparseWeight.sell: row_order must be a permutation of the {m} rows")
     rows = torch.full((slices * 16,), -1, dtype=torch.int32, device=dev)
     rows[:m] = order.to(torch.int32)
     lengths = torch.zeros(slices * 16, dtype=torch.long, device=dev)
@@ -371,7 +376,8 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
     if chosen == "triton":
         y = torch.ops.s2h.spmm_triton(values, sparse_weight.row_ptr, sparse_weight.col_idx, sparse_weight.row_order,
                                       xc, b, bool(relu))
-    elif chosen == "cpu" and x.shape[1] == 1 and values.dtype is torch.float32 and values is sparse_weight.values:
+    elif (chosen == "cpu" and x.shape[1] == 1 and values.dtype is torch.float32 and values is sparse_weight.values
+          and not torch.compiler.is_compiling()):  # the packing is built from data: not traceable
         y = torch.ops.s2h.spmv_sell(*sparse_weight.sell(), m, xc, b, bool(relu))  # batch-1 Linear: SELL-16
     else:
         y = torch.ops.s2h.spmm(values, sparse_weight.row_ptr, sparse_weight.col_idx,

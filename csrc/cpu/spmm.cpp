@@ -195,7 +195,7 @@ struct Ops {
   S2H_VEC_OP void stream(float* p, Vec v) { _mm512_stream_ps(p, v); }
   S2H_VEC_OP Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   S2H_VEC_OP Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-  S2H_VEC_OP Vec relu(Vec v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
+  S2H_VEC_OP Vec relu(Vec v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }  // NaN passes, as in torch.relu
   // Conv grid: the kept lanes of a vector live packed in y (compress on store, expand on reload).
   S2H_VEC_OP Vec expand_load(uint16_t keep, uint16_t packed, const float* p) {
     return _mm512_maskz_expand_ps(keep, _mm512_maskz_loadu_ps(packed, p));
@@ -267,7 +267,7 @@ struct Ops {
   S2H_VEC_OP void stream(float* p, Vec v) { _mm256_stream_ps(p, v); }
   S2H_VEC_OP Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   S2H_VEC_OP Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-  S2H_VEC_OP Vec relu(Vec v) { return _mm256_max_ps(v, _mm256_setzero_ps()); }
+  S2H_VEC_OP Vec relu(Vec v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }  // NaN passes, as in torch.relu
 };
 #include "cpu/spmm_tile.inc"
 }  // namespace isa_avx2

@@ -101,7 +101,7 @@ __attribute__((target("avx512f"))) void sell_avx512(const Sell& a, int64_t s0, i
     const __mmask16 live = _mm512_cmpge_epi32_mask(rows, _mm512_setzero_si512());
     __m512 o = _mm512_add_ps(acc0, acc1);
     if (a.bias) o = _mm512_add_ps(o, _mm512_mask_i32gather_ps(zero, live, rows, a.bias, 4));
-    if (a.relu) o = _mm512_max_ps(o, zero);
+    if (a.relu) o = _mm512_max_ps(zero, o);  // zero first: a NaN passes through, as in torch.relu
     _mm512_mask_i32scatter_ps(a.y, live, rows, o, 4);
   }
 }
@@ -126,6 +126,9 @@ at::Tensor spmv_sell_cpu(const at::Tensor& values, const at::Tensor& cols, const
   const int64_t* sp = slice_ptr.data_ptr<int64_t>();
   TORCH_CHECK(sp[0] == 0 && sp[slices] == values.numel(), op, ": slice_ptr must run from 0 to the packed length ",
               values.numel());
+  for (int64_t s = 0; s < slices; ++s)  // O(slices): the kernels read 16 entries per step
+    TORCH_CHECK(sp[s + 1] >= sp[s] && (sp[s + 1] - sp[s]) % kSlice == 0, op, ": slice ", s,
+                " must span a non-negative multiple of 16 entries, got ", sp[s + 1] - sp[s]);
   TORCH_CHECK((x_in.dim() == 1) || (x_in.dim() == 2 && x_in.size(1) == 1), op, ": x must be (K,) or (K, 1), got ",
               x_in.sizes());
   at::Tensor x = x_in.reshape({-1}).contiguous();

@@ -309,6 +309,61 @@ def test_sell_packing_follows_the_weight():
     torch.testing.assert_close(s2h_kernels.spmm(sw, x), 2 * first)
 
 
+def test_sell_custom_row_order_and_bad_order():
+    w = sparse_matrix(37, 50, 0.7, seed=2)
+    base = SparseWeight.from_dense(w)
+    x = randn(50, 1)
+    # Any permutation is a valid order (only the padding changes): reversed, longest last.
+    rev = SparseWeight(base.values, base.row_ptr, base.col_idx, base.shape, base.row_order.flip(0).contiguous())
+    torch.testing.assert_close(s2h_kernels.spmm(rev, x), w @ x, rtol=1e-5, atol=1e-5)
+    dup = base.row_order.clone()
+    dup[1] = dup[0]
+    bad = SparseWeight(base.values, base.row_ptr, base.col_idx, base.shape, dup)
+    with pytest.raises(ValueError, match="permutation"):
+        s2h_kernels.spmm(bad, x)
+
+
+def test_sell_inference_tensors():
+    # Weights packed under inference_mode have no version counter; the packing still caches.
+    with torch.inference_mode():
+        sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.6))
+        x = randn(30, 1)
+        y = s2h_kernels.spmm(sw, x)
+        assert sw.sell()[0] is sw.sell()[0]
+    torch.testing.assert_close(y, reference.spmm(sw, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n", [1, 40])
+def test_relu_keeps_nan_like_torch(monkeypatch, isa, n):
+    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+    # A NaN in row 3 of x reaches the outputs of the rows with a nonzero in column 3 (a sparse
+    # product never multiplies the pruned zeros), and the ReLU must keep it, as torch.relu does.
+    w = sparse_matrix(24, 10, 0.5, seed=1)
+    x, bias = randn(10, n), randn(24)
+    sw = SparseWeight.from_dense(w)
+    expected = reference.spmm(sw, x.index_fill(0, torch.tensor([3]), 0.0), bias, relu=True)
+    expected[w[:, 3] != 0] = float("nan")
+    x[3] = float("nan")
+    y = s2h_kernels.spmm(sw, x, bias, relu=True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert 0 < int(y.isnan().any(dim=1).sum()) < 24
+
+
+def test_torch_compile_fullgraph_single_column():
+    # N == 1 takes the SELL-16 kernel eagerly; under torch.compile the CSR op (the packing is
+    # built from data and cannot be traced).
+    sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.8))
+    bias = randn(20)
+
+    def f(x):
+        return s2h_kernels.spmm(sw, torch.sin(x), bias, relu=True) * 2
+
+    x = randn(30, 1)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
 def test_spmv_sell_rejects_bad_input():
     sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.6))
     values, cols, slice_ptr, rows = sw.sell()
@@ -321,6 +376,10 @@ def test_spmv_sell_rejects_bad_input():
         torch.ops.s2h.spmv_sell(values, cols, slice_ptr, rows, 20, randn(30, 2), None, False)
     with pytest.raises(RuntimeError, match="slice_ptr"):
         torch.ops.s2h.spmv_sell(values, cols, slice_ptr + 1, rows, 20, x, None, False)
+    ragged = slice_ptr.clone()
+    ragged[1] += 1  # a slice that is not whole steps of 16 lanes
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.s2h.spmv_sell(values, cols, ragged, rows, 20, x, None, False)
 
 
 def test_opcheck_cpu():
