@@ -708,13 +708,24 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   return y;
 }
 
-// d[j] = s[2*j] for j < n: one row of a stride-2 phase (the compiler vectorises each clone).
-#define S2H_SPMM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-S2H_SPMM_CLONES void copy_stride2(const float* __restrict s, float* __restrict d, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) d[j] = s[2 * j];
-}
-S2H_SPMM_CLONES void copy_stride2(const double* __restrict s, double* __restrict d, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) d[j] = s[2 * j];
+// d[j] = s[2*j] for j < n: one row of a stride-2 phase.  One copy per ISA (the compiler
+// vectorises each; vpermt2ps on AVX-512), picked with the kernels' ISA so that S2H_SPMM_ISA
+// tests every one.
+template <typename T>
+using Stride2Fn = void (*)(const T* __restrict, T* __restrict, int64_t);
+#define S2H_DEFINE_STRIDE2(NAME, ATTR)                                       \
+  template <typename T>                                                      \
+  ATTR void NAME(const T* __restrict s, T* __restrict d, int64_t n) {        \
+    for (int64_t j = 0; j < n; ++j) d[j] = s[2 * j];                         \
+  }
+S2H_DEFINE_STRIDE2(copy_stride2_avx512, __attribute__((target("avx512f"))))
+S2H_DEFINE_STRIDE2(copy_stride2_avx2, __attribute__((target("avx2"))))
+S2H_DEFINE_STRIDE2(copy_stride2_scalar, )
+#undef S2H_DEFINE_STRIDE2
+
+template <typename T>
+Stride2Fn<T> stride2_for(Isa isa) {
+  return isa == Isa::avx512 ? copy_stride2_avx512<T> : isa == Isa::avx2 ? copy_stride2_avx2<T> : copy_stride2_scalar<T>;
 }
 
 // Copy x (B, C, H, W) into the zero-padded, stride-phase-split buffer of conv_tap_offset.
@@ -731,6 +742,7 @@ void fill_phases(const T* x, T* buf, int64_t bc, int64_t h, int64_t w, int64_t s
     j1[b] = last < 0 ? j0[b] : std::max<int64_t>(j0[b], std::min<int64_t>(wq, last / sw + 1));
   }
   const int64_t plane = hq * wq;
+  const Stride2Fn<T> copy_stride2 = stride2_for<T>(active_isa());
   at::parallel_for(0, bc, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i_bc = begin; i_bc < end; ++i_bc) {
       const T* src = x + i_bc * h * w;
