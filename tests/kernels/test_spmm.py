@@ -350,20 +350,6 @@ def test_relu_keeps_nan_like_torch(monkeypatch, isa, n):
     assert 0 < int(y.isnan().any(dim=1).sum()) < 24
 
 
-def test_torch_compile_fullgraph_single_column():
-    # N == 1 takes the SELL-16 kernel eagerly; under torch.compile the CSR op (the packing is
-    # built from data and cannot be traced).
-    sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.8))
-    bias = randn(20)
-
-    def f(x):
-        return s2h_kernels.spmm(sw, torch.sin(x), bias, relu=True) * 2
-
-    x = randn(30, 1)
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), f(x))
-
-
 def test_spmv_sell_rejects_bad_input():
     sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.6))
     values, cols, slice_ptr, rows = sw.sell()
@@ -400,14 +386,17 @@ def test_opcheck_triton(device_for):
                           (sw.values, sw.row_ptr, sw.col_idx, sw.row_order, randn(12, 7, device=device), None, False))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("n", [11, 1])
+def test_torch_compile_fullgraph(n):
+    # n == 1 takes the SELL-16 kernel eagerly and the CSR op under torch.compile (the SELL
+    # packing is built from data and cannot be traced).
     sw = SparseWeight.from_dense(sparse_matrix(20, 30, 0.8))
     bias = randn(20)
 
     def f(x):
         return s2h_kernels.spmm(sw, torch.sin(x), bias, relu=True) * 2
 
-    x = randn(30, 11)
+    x = randn(30, n)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), f(x))
 

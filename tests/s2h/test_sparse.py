@@ -231,14 +231,18 @@ def test_fuse_falls_back_for_untraceable_and_training_models():
     assert any(isinstance(m, nn.BatchNorm2d) for m in sparsify(train, calibrate=False).modules())
 
 
-def test_sparse_linear_batch1_follows_replaced_buffers():
-    # Batch 1 runs the SELL-16 packing cached on the SparseWeight: replacing any packed buffer
-    # (here the column indices, shifted by one: still distinct within each row) must rebuild it.
+def pruned_linear_pair():
+    """A half-pruned nn.Linear(16, 8), its SparseLinear and one input row."""
     torch.manual_seed(0)
     lin = nn.Linear(16, 8)
     prune_(lin, 0.5)
-    sl = SparseLinear.from_dense(lin)
-    x = torch.randn(1, 16)
+    return lin, SparseLinear.from_dense(lin), torch.randn(1, 16)
+
+
+def test_sparse_linear_batch1_follows_replaced_buffers():
+    # Batch 1 runs the SELL-16 packing cached on the SparseWeight: replacing any packed buffer
+    # (here the column indices, shifted by one: still distinct within each row) must rebuild it.
+    lin, sl, x = pruned_linear_pair()
     with torch.no_grad():
         torch.testing.assert_close(sl(x), lin(x), rtol=1e-5, atol=1e-5)
         sl.col_idx = ((sl.col_idx + 1) % 16).to(torch.int32)
@@ -247,11 +251,7 @@ def test_sparse_linear_batch1_follows_replaced_buffers():
 
 
 def test_sparse_linear_batch1_compiles_fullgraph():
-    torch.manual_seed(0)
-    lin = nn.Linear(16, 8)
-    prune_(lin, 0.5)
-    sl = SparseLinear.from_dense(lin)
-    x = torch.randn(1, 16)
+    lin, sl, x = pruned_linear_pair()
     with torch.no_grad():
         compiled = torch.compile(sl, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), lin(x), rtol=1e-5, atol=1e-5)
