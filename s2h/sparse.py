@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2h_kernels.spmm import SparseWeight, spmm, spmm_conv2d
+from s2h_kernels.spmm import SparseWeight, sell_applies, spmm, spmm_conv2d
 
 __all__ = ["SparseLinear", "SparseConv2d", "AutoSparse", "FastMaxPool2d", "sparsify", "clear_calibration_cache"]
 
@@ -121,7 +121,7 @@ class SparseLinear(_SparseBase):
         x2 = x.reshape(-1, self.in_features)
         values, row_ptr, col_idx, bias, dtype = self._op_args()
         if x2.dtype is dtype and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
-            if x2.shape[0] == 1 and dtype is torch.float32 and not torch.compiler.is_compiling():  # batch 1: SELL-16
+            if sell_applies(x2.shape[0], dtype):  # batch 1: the SELL-16 kernel
                 y = _sell_op(*self.sparse_weight.sell(), self.out_features, x2.t(), bias, self.relu)
             else:
                 y = _spmm_op(values, row_ptr, col_idx, None, x2.t(), bias, self.relu)

@@ -82,7 +82,7 @@ class SparseWeight:
             counts = (row_ptr[1:] - row_ptr[:-1]).long()
             row_order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
         self.row_order = row_order
-        self._sell = None  # (key, pack) of sell(), built on first use
+        self._sell = None  # (packed tensors, values' version, packing) of sell(), built on first use
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "SparseWeight":
@@ -165,6 +165,12 @@ class SparseWeight:
     def __repr__(self) -> str:
         return (f"SparseWeight(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.1%}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def sell_applies(n: int, dtype: torch.dtype) -> bool:
+    """Whether a CPU product with ``n`` columns in ``dtype`` runs ``s2h::spmv_sell`` (the SELL-16
+    packing is built from data, so not while torch.compile traces)."""
+    return n == 1 and dtype is torch.float32 and not torch.compiler.is_compiling()
 
 
 def _pack_sell(sw: SparseWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,8 +382,7 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
     if chosen == "triton":
         y = torch.ops.s2h.spmm_triton(values, sparse_weight.row_ptr, sparse_weight.col_idx, sparse_weight.row_order,
                                       xc, b, bool(relu))
-    elif (chosen == "cpu" and x.shape[1] == 1 and values.dtype is torch.float32 and values is sparse_weight.values
-          and not torch.compiler.is_compiling()):  # the packing is built from data: not traceable
+    elif chosen == "cpu" and values is sparse_weight.values and sell_applies(x.shape[1], values.dtype):
         y = torch.ops.s2h.spmv_sell(*sparse_weight.sell(), m, xc, b, bool(relu))  # batch-1 Linear: SELL-16
     else:
         y = torch.ops.s2h.spmm(values, sparse_weight.row_ptr, sparse_weight.col_idx,
