@@ -8,7 +8,7 @@ export S2H_SKIP_CUDA
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: setup install demo test test-fast bench cuda-check wheel clean
+.PHONY: setup install demo test test-fast bench cuda-check portable-check wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ cuda-check: $(VENV)/.deps
 	    --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib && \
 	echo "CUDA compile check (sm_90): $$(( $$(date +%s) - start )) s"
 	$(BIN)/python tools/check_cuda_build.py build/cuda-check/lib/s2h_kernels/_C*.so
+
+# The C++ sources with clang (x86-64) and GCC for aarch64 (Grace Hopper, Graviton), which setup.py
+# does not use here; missing compilers are apt-get installed when running as root, else skipped.
+portable-check: $(VENV)/.deps
+	$(BIN)/python tools/check_portable_build.py --install
 
 # A wheel for S2H_CUDA_ARCHS (default 8.0;9.0): `make wheel S2H_CUDA_ARCHS="8.0;9.0a"`.
 # It then lists the cubins in the wheel with cuobjdump and fails unless they are exactly those.

@@ -15,3 +15,12 @@
 #else
 #define S2H_HD_INLINE S2H_HD __attribute__((always_inline))
 #endif
+
+// The CPU kernels are compiled per x86 ISA (AVX-512, AVX2 + FMA, baseline) and chosen at run
+// time on x86-64.  Other CPUs (aarch64: Grace Hopper, Graviton, Apple silicon) build only the
+// portable kernels, which the compiler vectorises for the target's baseline (NEON on aarch64).
+#if defined(__x86_64__) || defined(_M_X64)
+#define S2H_X86 1
+#else
+#define S2H_X86 0
+#endif

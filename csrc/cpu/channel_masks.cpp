@@ -124,7 +124,11 @@ S2H_HD_INLINE int64_t count_kept_impl(const A* __restrict w, A mean_w, int64_t n
   return above;
 }
 
+#if S2H_X86
 #define S2H_FLOAT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define S2H_FLOAT_CLONES
+#endif
 S2H_FLOAT_CLONES float max_scaled(const float* u, float inv_tau, int64_t n) { return max_scaled_impl(u, inv_tau, n); }
 S2H_FLOAT_CLONES float exp_sum(const float* u, float inv_tau, float m, float* p, int64_t n) {
   return exp_sum_impl(u, inv_tau, m, p, n);

@@ -9,9 +9,9 @@
 // Nothing of size B x C is allocated beyond the outputs (16-bit inputs: a float scratch of 2 C per
 // thread).
 //
-// No -march=native: the row loops are compiled three times, for AVX-512, AVX2+FMA and the x86-64
-// baseline, through per-function target attributes, and chosen at run time with
-// __builtin_cpu_supports. S2H_CPU_ISA=avx512|avx2|default forces a lower one (tests use it).
+// No -march=native: on x86-64 the row loops are compiled three times, for AVX-512, AVX2+FMA and
+// the baseline, through per-function target attributes, and chosen at run time with
+// __builtin_cpu_supports (other CPUs: the baseline loops only). S2H_CPU_ISA=avx512|avx2|default forces a lower one (tests use it).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -426,22 +426,32 @@ struct CakArgs {
     for (int64_t r = r0; r < r1; ++r) out[r] = top1_row_##SUFFIX<T, A>(z + r * C, C);               \
   }
 
+KL_DEFINE_RANGES(base, )
+#if S2H_X86
 KL_DEFINE_RANGES(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))))
 KL_DEFINE_RANGES(avx2, __attribute__((target("avx2,fma,f16c"))))
-KL_DEFINE_RANGES(base, )
+#else  // never chosen elsewhere (detect_isa); the same portable loops keep the dispatch one piece
+KL_DEFINE_RANGES(avx512, )
+KL_DEFINE_RANGES(avx2, )
+#endif
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
 Isa detect_isa() {
+#if S2H_X86
   static const Isa best = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
       return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return Isa::kAvx2;
+    // F16C is not asked for: every AVX2 CPU has it (it came one generation earlier), and clang's
+    // __builtin_cpu_supports does not know the name.
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
     return Isa::kBase;
   }();
+#else
+  constexpr Isa best = Isa::kBase;  // other CPUs: the portable loops, vectorised for the target
+#endif
   Isa isa = best;
   if (const char* env = std::getenv("S2H_CPU_ISA")) {  // may only lower the choice
     Isa want = best;

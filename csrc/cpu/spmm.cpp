@@ -19,8 +19,9 @@
 // Work split: nnz-balanced row ranges (or ranges of N tiles when X outweighs W), several chunks
 // per thread taken from an atomic counter so that a preempted thread delays one chunk only.
 // ISA: AVX-512 / AVX2+FMA / portable C++, chosen at run time with __builtin_cpu_supports
-// (S2H_SPMM_ISA=avx512|avx2|scalar forces one, for tests).  float64 runs the portable kernel.
-// The vector tile kernel is written once, in spmm_tile.inc, and compiled per ISA.
+// (S2H_SPMM_ISA=avx512|avx2|scalar forces one, for tests).  float64 runs the portable kernel, and
+// so do CPUs other than x86-64 (S2H_X86, common/macros.h).  The vector tile kernel is written
+// once, in spmm_tile.inc, and compiled per ISA.
 //
 // Tuning knobs (environment, read per call; for tests and measurements, defaults measured on the
 // development VM): S2H_SPMM_TILE_V (vectors per tile), S2H_SPMM_L1 / _PARTIALS / _PMIN (K panels),
@@ -39,7 +40,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,6 +53,9 @@
 
 #include "common/spmm.h"
 #include "cpu/spmm_isa.h"
+#if S2H_X86
+#include <immintrin.h>
+#endif
 
 // GCC flags the "undefined" lanes inside its own AVX-512 intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -169,15 +172,15 @@ Kernels<T> scalar_kernels() {
 // 2 per cycle) whatever the tile width.
 constexpr int chains(int v) { return v >= 8 ? 1 : v >= 4 ? 2 : v >= 2 ? 4 : 8; }
 
+#if S2H_X86
 // ----------------------------------------------------------------------------------------------
 // AVX-512
 #define S2H_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt")))
 
 // Vector operations of each ISA for the tile kernel of spmm_tile.inc, which is compiled once
-// per ISA inside a `#pragma GCC target` region (in a namespace of its own).
+// per ISA inside a target region (S2H_TARGET_BEGIN, spmm_isa.h) and a namespace of its own.
 #define S2H_VEC_OP [[gnu::always_inline]] static inline
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx2,fma,popcnt")
+S2H_TARGET_BEGIN("avx512f,avx512vl,avx2,fma,popcnt")
 namespace isa_avx512 {
 struct Ops {
   using Vec = __m512;
@@ -206,7 +209,7 @@ struct Ops {
 };
 #include "cpu/spmm_tile.inc"
 }  // namespace isa_avx512
-#pragma GCC pop_options
+S2H_TARGET_END
 
 S2H_AVX512 void dot_avx512(const float* vals, const int32_t* row_ptr, const int32_t* col, int64_t r0, int64_t r1,
                            const float* x, float* y, int64_t ldy, const float* bias, bool relu) {
@@ -248,8 +251,7 @@ S2H_AVX2 inline __m256i tail_mask_avx2(int64_t n) {  // lanes i < n
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+S2H_TARGET_BEGIN("avx2,fma")
 namespace isa_avx2 {
 struct Ops {
   using Vec = __m256;
@@ -271,7 +273,7 @@ struct Ops {
 };
 #include "cpu/spmm_tile.inc"
 }  // namespace isa_avx2
-#pragma GCC pop_options
+S2H_TARGET_END
 
 S2H_AVX2 inline float hsum_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -311,16 +313,26 @@ Kernels<float> avx2_kernels() {
   k.dot = dot_avx2;
   return k;
 }
+#endif  // S2H_X86
+
+// Orders the streaming (non-temporal) stores of the x86 kernels before the caller reads y.
+inline void fence_streaming_stores() {
+#if S2H_X86
+  _mm_sfence();
+#endif
+}
 
 template <typename T>
 const Kernels<T>& kernels_for(Isa isa) {
   static const Kernels<T> scalar = scalar_kernels<T>();
+#if S2H_X86
   if constexpr (std::is_same_v<T, float>) {
     static const Kernels<float> k512 = avx512_kernels();
     static const Kernels<float> k2 = avx2_kernels();
     if (isa == Isa::avx512) return k512;
     if (isa == Isa::avx2) return k2;
   }
+#endif
   return scalar;
 }
 
@@ -580,7 +592,7 @@ void run(const Problem<T>& p) {
   };
   if (parts <= 1) {
     run_part(p, k, tc, panel_cols, 0, p.m, once(0, ntiles));
-    _mm_sfence();  // order the streaming stores before the caller reads y
+    fence_streaming_stores();
     return;
   }
   const int64_t per_thread = std::max<int64_t>(1, env_int("S2H_SPMM_CHUNKS", 4));
@@ -591,7 +603,7 @@ void run(const Problem<T>& p) {
       for (int64_t c; (c = counter.fetch_add(1)) < chunks;)
         run_part(p, k, tc, panel_cols, split_rows(p.row_ptr, p.m, chunks, c, 4),
                  split_rows(p.row_ptr, p.m, chunks, c + 1, 4), once(0, ntiles));
-      _mm_sfence();
+      fence_streaming_stores();
     });
   } else {
     const int64_t step = std::max<int64_t>(1, ntiles / (parts * per_thread));
@@ -602,7 +614,7 @@ void run(const Problem<T>& p) {
         t1 = std::min(ntiles, t0 + step);
         return true;
       });
-      _mm_sfence();
+      fence_streaming_stores();
     });
   }
 }
@@ -718,14 +730,20 @@ using Stride2Fn = void (*)(const T* __restrict, T* __restrict, int64_t);
   ATTR void NAME(const T* __restrict s, T* __restrict d, int64_t n) {        \
     for (int64_t j = 0; j < n; ++j) d[j] = s[2 * j];                         \
   }
+S2H_DEFINE_STRIDE2(copy_stride2_scalar, )
+#if S2H_X86
 S2H_DEFINE_STRIDE2(copy_stride2_avx512, __attribute__((target("avx512f"))))
 S2H_DEFINE_STRIDE2(copy_stride2_avx2, __attribute__((target("avx2"))))
-S2H_DEFINE_STRIDE2(copy_stride2_scalar, )
+#endif
 #undef S2H_DEFINE_STRIDE2
 
 template <typename T>
 Stride2Fn<T> stride2_for(Isa isa) {
-  return isa == Isa::avx512 ? copy_stride2_avx512<T> : isa == Isa::avx2 ? copy_stride2_avx2<T> : copy_stride2_scalar<T>;
+#if S2H_X86
+  if (isa == Isa::avx512) return copy_stride2_avx512<T>;
+  if (isa == Isa::avx2) return copy_stride2_avx2<T>;
+#endif
+  return copy_stride2_scalar<T>;
 }
 
 // Copy x (B, C, H, W) into the zero-padded, stride-phase-split buffer of conv_tap_offset.

@@ -4,9 +4,23 @@
 
 #include <c10/util/Exception.h>
 
+#include "common/macros.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+// A region of code compiled for one ISA (spmm.cpp compiles its tile template once per ISA).
+// Clang ignores `#pragma GCC target`; its equivalent gives every function in the region the
+// target attribute.
+#define S2H_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define S2H_TARGET_BEGIN(isa) S2H_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define S2H_TARGET_END S2H_PRAGMA(clang attribute pop)
+#else
+#define S2H_TARGET_BEGIN(isa) S2H_PRAGMA(GCC push_options) S2H_PRAGMA(GCC target(isa))
+#define S2H_TARGET_END S2H_PRAGMA(GCC pop_options)
+#endif
 
 namespace s2h::spmm {
 
@@ -22,6 +36,7 @@ inline const char* isa_name(Isa isa) {
 }
 
 inline Isa best_isa() {
+#if S2H_X86
   static const Isa best = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
@@ -29,6 +44,9 @@ inline Isa best_isa() {
     return Isa::scalar;
   }();
   return best;
+#else
+  return Isa::scalar;  // the portable kernels, vectorised for the target's baseline
+#endif
 }
 
 inline Isa active_isa() {

@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,6 +21,9 @@
 
 #include "common/spmm.h"
 #include "cpu/spmm_isa.h"
+#if S2H_X86
+#include <immintrin.h>
+#endif
 
 // GCC flags the "undefined" lanes inside its own AVX-512 intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -56,6 +58,7 @@ void sell_scalar(const Sell& a, int64_t s0, int64_t s1) {
   }
 }
 
+#if S2H_X86
 __attribute__((target("avx2,fma"))) void sell_avx2(const Sell& a, int64_t s0, int64_t s1) {
   alignas(32) float out[kSlice];
   for (int64_t s = s0; s < s1; ++s) {
@@ -105,6 +108,7 @@ __attribute__((target("avx512f"))) void sell_avx512(const Sell& a, int64_t s0, i
     _mm512_mask_i32scatter_ps(a.y, live, rows, o, 4);
   }
 }
+#endif  // S2H_X86
 
 at::Tensor spmv_sell_cpu(const at::Tensor& values, const at::Tensor& cols, const at::Tensor& slice_ptr,
                          const at::Tensor& rows, int64_t m, const at::Tensor& x_in, const c10::optional<at::Tensor>& bias_in,
@@ -145,7 +149,11 @@ at::Tensor spmv_sell_cpu(const at::Tensor& values, const at::Tensor& cols, const
   Sell a{values.data_ptr<float>(), cols.data_ptr<int32_t>(), sp, rp, x.data_ptr<float>(),
          bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), relu};
   const Isa isa = active_isa();
-  auto kernel = isa == Isa::avx512 ? sell_avx512 : isa == Isa::avx2 ? sell_avx2 : sell_scalar;
+  void (*kernel)(const Sell&, int64_t, int64_t) = sell_scalar;
+#if S2H_X86
+  if (isa == Isa::avx512) kernel = sell_avx512;
+  if (isa == Isa::avx2) kernel = sell_avx2;
+#endif
   // Threads over slice ranges of equal packed length, from 2^14 packed entries per thread (the
   // threshold of spmm's kernels).
   const int64_t total = sp[slices];
