@@ -10,6 +10,7 @@ sparse conv against F.conv2d.  Every benchmark also checks its result against th
 """
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -87,21 +88,27 @@ def run(benchmark, fn):
 
 
 def paired(baseline, fn, threads, rounds=12):
-    """Median over rounds of time(baseline) / time(fn), the two called back to back.
+    """Median over rounds of time(baseline) / time(fn), the two timed back to back.
 
     The machine this runs on is shared; pairing the calls cancels slow changes in load, and at
-    one thread the per-thread CPU clock leaves out time the thread was descheduled.
+    one thread the per-thread CPU clock leaves out time the thread was descheduled.  Each timed
+    call follows an untimed call of the same function, so that both see the cache state of their
+    own steady state.  (Timing fn right after baseline was unfair to fn: MKL's GEMM reads X
+    without leaving it in L2/L3 on AMD Zen 4, so fn then fetched X from DRAM, which no layer of
+    a network does: its X was just written by the layer before.)
     """
     clock = time.thread_time if threads == 1 else time.perf_counter
-    baseline(), fn()
     ratios = []
     for _ in range(rounds):
+        baseline()
         t0 = clock()
         baseline()
         t1 = clock()
         fn()
         t2 = clock()
-        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+        fn()
+        t3 = clock()
+        ratios.append((t1 - t0) / max(t3 - t2, 1e-9))
     ratios.sort()
     return ratios[len(ratios) // 2]
 
@@ -191,7 +198,40 @@ def table(path: str) -> str:
                 cells += [f"{c / o:.2f}x", f"{info.get('paired_vs_csr', float('nan')):.2f}x"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    out += summary(rows)
     return "\n".join(out)
+
+
+def summary(rows: dict) -> list:
+    """Geometric means over the shapes of each kind, per thread count and sparsity (min; paired)."""
+    pairs = (("gemm", "dense_mm", "s2h_spmm", "paired_vs_dense", "GEMM shapes vs `torch.mm`"),
+             ("gemm", "torch_csr", "s2h_spmm", "paired_vs_csr", "GEMM shapes vs torch CSR (MKL)"),
+             ("conv", "dense_conv2d", "s2h_conv", "paired_vs_dense", "convs vs `F.conv2d` (oneDNN)"))
+    sparsities = sorted({key[3] for key in rows})
+    threads = sorted({key[2] for key in rows})
+    out = ["Geometric means over the shapes: paired ratio (min-based ratio in brackets).", ""]
+    for t in threads:
+        out += [f"{t} thread{'s' if t > 1 else ''}:", "",
+                "| | " + " | ".join(f"{int(round(sp * 100))}%" for sp in sparsities) + " |",
+                "|---|" + "---|" * len(sparsities)]
+        for kind, base, ours, key, label in pairs:
+            cells = []
+            for sp in sparsities:
+                group = [r for (k, _, tt, s), r in rows.items() if k == kind and tt == t and s == sp
+                         and base in r and ours in r]
+                if not group:
+                    cells.append("")
+                    continue
+                mins = [r[base]["stats"]["min"] / r[ours]["stats"]["min"] for r in group]
+                paired_ = [r[ours]["extra_info"].get(key, float("nan")) for r in group]
+                cells.append(f"{_geomean(paired_):.2f}x ({_geomean(mins):.2f}x)")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def _geomean(values) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 if __name__ == "__main__":

@@ -244,6 +244,23 @@ def test_cpu_streaming_stores(monkeypatch, isa):
     conv_check("cpu", torch.device("cpu"), 3, 24, 8, 8, 48, 1, 1, 0, 1, 1, sparsity=0.9)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cfg", [
+    (3, 16, 30, 30, 24, 3, 1, 1, 1, 1),   # many output tiles: contiguous tile runs per thread
+    (3, 16, 31, 61, 24, 3, 2, 1, 1, 2),   # the same, stride 2 and groups
+    (2, 64, 8, 8, 128, 3, 1, 1, 1, 1),    # few tiles, many rows: rows split between threads
+])
+def test_conv_cpu_threads(threads, cfg):
+    # Large enough to run on several threads: the padded input is copied by (image, row) ranges
+    # and each thread computes the output tiles of its range.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        conv_check("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_conv_float64_and_unbatched(backend, device_for):
     device = device_for(backend)
     conv_check(backend, device, 2, 4, 7, 9, 6, 3, 2, 1, 1, 2, dtype=torch.float64)
