@@ -194,6 +194,7 @@ CONVS = [
     (2, 8, 6, 6, 8, 1, 1, 1, 1, 2),        # 1x1 with padding
     (1, 5, 11, 6, 7, (3, 1), (1, 2), (1, 0), (2, 1), 1),  # non-square everything
     (3, 16, 5, 5, 16, 3, 1, 0, 1, 1),      # no padding
+    (1, 2, 4, 5, 3, 3, 1, 17, 1, 1),       # padding wider than a vector
 ]
 
 
