@@ -178,7 +178,8 @@ def table(path: str) -> str:
     cpu = data["machine_info"].get("cpu", {})
     out = [f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; torch {torch.__version__}.",
            "Times: minimum over the rounds (ms).  'min' ratios divide those minima; 'paired' ratios are the",
-           "median of back-to-back (baseline, s2h) pairs (per-thread CPU time at 1 thread).", ""]
+           "median over rounds of time(baseline) / time(s2h), each timed call after an untimed call of",
+           "the same function (per-thread CPU time at 1 thread).", ""]
     for kind, base, extra in (("gemm", "dense_mm", "torch_csr"), ("conv", "dense_conv2d", None)):
         ours = "s2h_spmm" if kind == "gemm" else "s2h_conv"
         cols = ["shape", "threads", "sparsity", f"{base} ms"] + ([f"{extra} ms"] if extra else []) + \

@@ -18,8 +18,9 @@
 //
 // Work split: nnz-balanced row ranges (or ranges of N tiles when X outweighs W), several chunks
 // per thread taken from an atomic counter so that a preempted thread delays one chunk only.
-// Convs split by tiles give each thread one contiguous run of output tiles instead, the rows
-// whose padded input that thread copied (fill_phases), so that its X is in its own L2.
+// Convs split by tiles give each thread one contiguous run of output tiles instead: about the
+// rows whose padded input that thread copied (fill_phases, split the same way when as many
+// threads run both), so that most of its X is in its own L2.  No dynamic balancing there.
 // ISA: AVX-512 / AVX2+FMA / portable C++, chosen at run time with __builtin_cpu_supports
 // (S2H_SPMM_ISA=avx512|avx2|scalar forces one, for tests).  float64 runs the portable kernel, and
 // so do CPUs other than x86-64 (S2H_X86, common/macros.h).  The vector tile kernel is written
@@ -609,8 +610,10 @@ void run(const Problem<T>& p) {
       fence_streaming_stores();
     });
   } else if (p.tab != nullptr && p.x_bstride > 0 && env_int("S2H_SPMM_CONV_STATIC", 1)) {
-    // Conv: thread i takes the i-th contiguous run of tiles, the output rows whose input rows
-    // it copied in fill_phases (same split), so its X is in its own L2.
+    // Conv: thread i takes the i-th contiguous run of tiles, about the output rows whose input
+    // rows it copied in fill_phases (the same contiguous split when parts equals the thread
+    // count), so most of its X is in its own L2.  1x1 convs read the input itself; contiguous
+    // runs cost them nothing.
     at::parallel_for(0, parts, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) run_part(p, k, tc, panel_cols, 0, p.m, once(i * ntiles / parts, (i + 1) * ntiles / parts));
       fence_streaming_stores();
