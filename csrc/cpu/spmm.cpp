@@ -18,9 +18,10 @@
 //
 // Work split: nnz-balanced row ranges (or ranges of N tiles when X outweighs W), several chunks
 // per thread taken from an atomic counter so that a preempted thread delays one chunk only.
-// Convs split by tiles give each thread one contiguous run of output tiles instead: about the
-// rows whose padded input that thread copied (fill_phases, split the same way when as many
-// threads run both), so that most of its X is in its own L2.  No dynamic balancing there.
+// Convs split by tiles give each thread one contiguous run of output tiles instead: at batch 1
+// each thread copies the padded input rows of its own tiles (Problem::own_input), else about
+// the rows whose padded input that thread copied (fill_phases), so that its X is in its own L2.
+// No dynamic balancing there.
 // ISA: AVX-512 / AVX2+FMA / portable C++, chosen at run time with __builtin_cpu_supports
 // (S2H_SPMM_ISA=avx512|avx2|scalar forces one, for tests).  float64 runs the portable kernel, and
 // so do CPUs other than x86-64 (S2H_X86, common/macros.h).  The vector tile kernel is written
@@ -48,6 +49,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -366,6 +368,12 @@ struct Problem {
   int64_t wq = 0, wo = 0;         // wq > 0: grid column q = oh*wq + ow is stored at oh*wo + ow if ow < wo
   const T* bias;
   bool relu;
+  // Padded convs: the copy of the input the kernels read.  shared_input() fills p.x for all
+  // threads.  At batch 1, when the threads split the output tiles, each thread instead calls
+  // own_input(q0, q1, local): a copy of only the input rows that grid columns [q0, q1) read, in
+  // a buffer of its own, with local.x / tab / group_stride / x_bstride pointing at it.
+  std::function<void()> shared_input;
+  std::function<void(int64_t, int64_t, Problem&)> own_input;
 };
 
 // Per-thread scratch, reused across calls (no allocation in the hot path).
@@ -594,6 +602,8 @@ void run(const Problem<T>& p) {
       return true;
     };
   };
+  const bool own = p.own_input && by_tiles && p.batch == 1 && env_int("S2H_SPMM_CONV_STATIC", 1);
+  if (!own && p.shared_input) p.shared_input();
   if (parts <= 1) {
     run_part(p, k, tc, panel_cols, 0, p.m, once(0, ntiles));
     fence_streaming_stores();
@@ -614,8 +624,23 @@ void run(const Problem<T>& p) {
     // rows it copied in fill_phases (the same contiguous split when parts equals the thread
     // count), so most of its X is in its own L2.  1x1 convs read the input itself; contiguous
     // runs cost them nothing.
+    // At batch 1 each thread also copies the input rows of its tiles itself (own_input): a
+    // shared copy has lines that both threads read, and every call's copy then has to take them
+    // back from the other core (on Zen 4 that made a 2-thread stride-2 copy as slow per thread
+    // as the whole copy on one thread).  Interleaved, 2 threads: stride-2 64x56x56 at 95%
+    // 0.207 to 0.161 ms, at 90% 0.281 to 0.214; stride-1 64x56x56 3-4%.  The halo rows (the
+    // taps' row shift) are copied by both threads.
     at::parallel_for(0, parts, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) run_part(p, k, tc, panel_cols, 0, p.m, once(i * ntiles / parts, (i + 1) * ntiles / parts));
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t0 = i * ntiles / parts, t1 = (i + 1) * ntiles / parts;
+        if (!own) {
+          run_part(p, k, tc, panel_cols, 0, p.m, once(t0, t1));
+        } else if (t0 < t1) {
+          Problem<T> local = p;
+          p.own_input(t0 * tc, std::min(t1 * tc, p.n), local);
+          run_part(local, k, tc, panel_cols, 0, p.m, once(t0, t1));
+        }
+      }
       fence_streaming_stores();
     });
   } else {
@@ -811,7 +836,7 @@ PadRowFn<T> pad_row_for(Isa isa, int64_t sw) {
 // other core's L2.
 template <typename T>
 void fill_phases(const T* x, T* buf, int64_t batch, int64_t c, int64_t h, int64_t w, int64_t sh, int64_t sw,
-                 int64_t ph, int64_t pw, int64_t hq, int64_t wq) {
+                 int64_t ph, int64_t pw, int64_t wq, int64_t row0, int64_t prows) {
   // Width phase b: columns j in [j0[b], j1[b]) hold input column j*sw + b - pw, the rest is padding.
   std::vector<int64_t> j0(static_cast<size_t>(sw)), j1(static_cast<size_t>(sw));
   for (int64_t b = 0; b < sw; ++b) {
@@ -819,7 +844,7 @@ void fill_phases(const T* x, T* buf, int64_t batch, int64_t c, int64_t h, int64_
     const int64_t last = w - 1 + pw - b;  // j*sw <= last
     j1[b] = last < 0 ? j0[b] : std::max<int64_t>(j0[b], std::min<int64_t>(wq, last / sw + 1));
   }
-  const int64_t plane = hq * wq;
+  const int64_t plane = prows * wq;  // phase rows [row0, row0 + prows) of every plane
   const Stride2Fn<T> copy_stride2 = stride2_for<T>(active_isa());
   const PadRowFn<T> pad_row = pad_row_for<T>(active_isa(), sw);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, c * sh * sw * wq));
@@ -831,7 +856,7 @@ void fill_phases(const T* x, T* buf, int64_t batch, int64_t c, int64_t h, int64_
       for (int64_t a = 0; a < sh; ++a) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = conv_src_index(i, a, sh, ph, h);
-          T* row = dst + a * sw * plane + i * wq;  // width phase b at row + b * plane
+          T* row = dst + a * sw * plane + (i - row0) * wq;  // width phase b at row + b * plane
           if (r < 0) {
             for (int64_t b = 0; b < sw; ++b) std::memset(row + b * plane, 0, sizeof(T) * wq);
             continue;
@@ -879,13 +904,13 @@ void fill_phases(const T* x, T* buf, int64_t batch, int64_t c, int64_t h, int64_
   if (sh * sw > 1) {
     at::parallel_for(0, batch * c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t img = begin / c; img * c < end; ++img)
-        fill(img, 0, hq, std::max(begin - img * c, int64_t(0)), std::min(end - img * c, c));
+        fill(img, row0, row0 + prows, std::max(begin - img * c, int64_t(0)), std::min(end - img * c, c));
     });
     return;
   }
-  at::parallel_for(0, batch * hq, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t img = begin / hq; img * hq < end; ++img)
-      fill(img, std::max(begin - img * hq, int64_t(0)), std::min(end - img * hq, hq), 0, c);
+  at::parallel_for(0, batch * prows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t img = begin / prows; img * prows < end; ++img)
+      fill(img, row0 + std::max(begin - img * prows, int64_t(0)), row0 + std::min(end - img * prows, prows), 0, c);
   });
 }
 
@@ -946,15 +971,39 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
       const int64_t per_item = c * sh * sw * hq * wq;
       // Slack after the last item: grid columns ow >= wo may read up to wq elements past a phase,
       // and the AVX-512 grid kernels load whole vectors past the grid end (< 16 elements).
+      // Tap offsets into planes of `rows` phase rows, starting at phase row row0: the taps of
+      // channel 0, then a channel stride (no divisions per column: for 512 channels the
+      // per-column formula cost 16 us a call).
+      auto tap_table = [=](int64_t* t, int64_t row0, int64_t rows) {
+        const int64_t taps = kh * kw, chan = sh * sw * rows * wq;
+        for (int64_t j = 0; j < taps; ++j) t[j] = conv_tap_offset(j, kh, kw, sh, sw, dh, dw, rows, wq) - row0 * wq;
+        for (int64_t j = taps; j < kcols; ++j) t[j] = t[j - taps] + chan;
+      };
       buf = x_scratch<scalar_t>({batch * per_item + wq + 64}, {1}, batch * per_item + wq + 64, x.options());
       scalar_t* bp = buf.data_ptr<scalar_t>();
-      fill_phases<scalar_t>(x.data_ptr<scalar_t>(), bp, batch, c, h, w, sh, sw, ph, pw, hq, wq);
-      std::fill(bp + batch * per_item, bp + buf.numel(), scalar_t(0));
-      // The taps of channel 0, then a channel stride (no divisions per column: for 512 channels
-      // the per-column formula cost 16 us a call).
-      const int64_t taps = kh * kw, chan = sh * sw * hq * wq;
-      for (int64_t t = 0; t < taps; ++t) tab[t] = conv_tap_offset(t, kh, kw, sh, sw, dh, dw, hq, wq);
-      for (int64_t k = taps; k < kcols; ++k) tab[k] = tab[k - taps] + chan;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      p.shared_input = [=] {
+        fill_phases<scalar_t>(xp, bp, batch, c, h, w, sh, sw, ph, pw, wq, 0, hq);
+        std::fill(bp + batch * per_item, bp + batch * per_item + wq + 64, scalar_t(0));
+      };
+      // Phase rows that output rows [oh0, oh1] read: up to the taps' largest row shift below.
+      const int64_t shift_h = (kh - 1) * dh / sh;
+      p.own_input = [=, &x](int64_t q0, int64_t q1, Problem<scalar_t>& local) {
+        const int64_t row0 = q0 / wq, rows = std::min(hq, (q1 - 1) / wq + shift_h + 1) - row0;
+        const int64_t item = c * sh * sw * rows * wq;
+        at::Tensor own = x_scratch<scalar_t>({item + wq + 64}, {1}, item + wq + 64, x.options());
+        scalar_t* ob = own.data_ptr<scalar_t>();
+        fill_phases<scalar_t>(xp, ob, 1, c, h, w, sh, sw, ph, pw, wq, row0, rows);
+        std::fill(ob + item, ob + item + wq + 64, scalar_t(0));
+        thread_local std::vector<int64_t> own_tab;
+        own_tab.resize(static_cast<size_t>(kcols));
+        tap_table(own_tab.data(), row0, rows);
+        local.x = ob;
+        local.tab = own_tab.data();
+        local.x_bstride = item;
+        local.group_stride = cg * sh * sw * rows * wq;
+      };
+      tap_table(tab.data(), 0, hq);
       p.x = bp;
       p.x_bstride = per_item;
       p.group_stride = cg * sh * sw * hq * wq;

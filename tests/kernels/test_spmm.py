@@ -250,10 +250,15 @@ def test_cpu_streaming_stores(monkeypatch, isa):
     (3, 16, 30, 30, 24, 3, 1, 1, 1, 1),   # many output tiles: contiguous tile runs per thread
     (3, 16, 31, 61, 24, 3, 2, 1, 1, 2),   # the same, stride 2 and groups
     (2, 64, 8, 8, 128, 3, 1, 1, 1, 1),    # few tiles, many rows: rows split between threads
+    (1, 16, 30, 30, 24, 3, 1, 1, 1, 1),   # batch 1: each thread copies the input rows of its tiles
+    (1, 16, 31, 61, 24, 3, 2, 1, 1, 2),   # the same, stride 2 and groups
+    (1, 8, 20, 40, 16, 3, 1, 2, 2, 1),    # the same, dilated (taps shift rows by 2)
+    (1, 4, 4, 5, 3, 3, 1, 17, 1, 1),      # the same, padding wider than the input
 ])
 def test_conv_cpu_threads(threads, cfg):
-    # Large enough to run on several threads: the padded input is copied by (image, row) ranges
-    # and each thread computes the output tiles of its range.
+    # Large enough to run on several threads. Batch > 1: the padded input is copied once, by
+    # (image, row) or (image, channel) ranges, and each thread computes a contiguous run of output
+    # tiles. Batch 1: each thread copies only the input rows its tiles read, into its own buffer.
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
