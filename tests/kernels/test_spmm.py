@@ -254,11 +254,13 @@ def test_cpu_streaming_stores(monkeypatch, isa):
     (1, 16, 31, 61, 24, 3, 2, 1, 1, 2),   # the same, stride 2 and groups
     (1, 8, 20, 40, 16, 3, 1, 2, 2, 1),    # the same, dilated (taps shift rows by 2)
     (1, 4, 4, 5, 3, 3, 1, 17, 1, 1),      # the same, padding wider than the input
+    (1, 64, 8, 8, 128, 3, 1, 1, 1, 1),    # batch 1, rows split: each thread copies all the input
 ])
 def test_conv_cpu_threads(threads, cfg):
     # Large enough to run on several threads. Batch > 1: the padded input is copied once, by
     # (image, row) or (image, channel) ranges, and each thread computes a contiguous run of output
-    # tiles. Batch 1: each thread copies only the input rows its tiles read, into its own buffer.
+    # tiles. Batch 1: each thread copies the input rows its tiles read (all of them when the
+    # threads split the output rows) into its own buffer.
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
