@@ -368,12 +368,15 @@ struct Problem {
   int64_t wq = 0, wo = 0;         // wq > 0: grid column q = oh*wq + ow is stored at oh*wo + ow if ow < wo
   const T* bias;
   bool relu;
-  // Padded convs: the copy of the input the kernels read.  shared_input() fills p.x for all
-  // threads.  At batch 1, when the threads split the output tiles, each thread instead calls
-  // own_input(q0, q1, local): a copy of only the input rows that grid columns [q0, q1) read, in
-  // a buffer of its own, with local.x / tab / group_stride / x_bstride pointing at it.
-  std::function<void()> shared_input;
+  // Padded convs: the copy of the input the kernels read, made by run() once it knows the split.
+  // shared_input(p) makes one copy for all threads and points p.x at it.  At batch 1 on several
+  // threads each thread instead calls own_input(q0, q1, local): a copy of only the input rows
+  // that grid columns [q0, q1) read, in a buffer of its own, with local.x / tab / group_stride /
+  // x_bstride pointing at it.  `input` keeps the copy alive (a fresh tensor over the scratch
+  // limit).
+  std::function<void(Problem&)> shared_input;
   std::function<void(int64_t, int64_t, Problem&)> own_input;
+  at::Tensor input;
 };
 
 // Per-thread scratch, reused across calls (no allocation in the hot path).
@@ -546,7 +549,8 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
 }
 
 template <typename T>
-void run(const Problem<T>& p) {
+void run(const Problem<T>& problem) {
+  Problem<T> p = problem;  // shared_input() points p.x at the copy it makes
   const Kernels<T>& k = kernels_for<T>(std::is_same_v<T, float> ? active_isa() : Isa::scalar);
   // Tile: all of N when it fits in vwide vectors (one pass over the rows: every nonzero reads
   // its X row once, whole), else vmax vectors.
@@ -607,7 +611,7 @@ void run(const Problem<T>& p) {
   // (3-10% faster at 2 threads on 14x14 and 7x7 convs than one shared copy, whose lines both
   // cores read and every call has to take back).
   const bool own_rows = p.own_input && by_rows && p.batch == 1;
-  if (!own && !own_rows && p.shared_input) p.shared_input();
+  if (!own && !own_rows && p.shared_input) p.shared_input(p);
   if (parts <= 1) {
     run_part(p, k, tc, panel_cols, 0, p.m, once(0, ntiles));
     fence_streaming_stores();
@@ -981,16 +985,17 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
       // channel 0, then a channel stride (no divisions per column: for 512 channels the
       // per-column formula cost 16 us a call).
       auto tap_table = [=](int64_t* t, int64_t row0, int64_t rows) {
-        const int64_t taps = kh * kw, chan = sh * sw * rows * wq;
+        const int64_t taps = std::min(kh * kw, kcols), chan = sh * sw * rows * wq;  // kcols = 0: no channels
         for (int64_t j = 0; j < taps; ++j) t[j] = conv_tap_offset(j, kh, kw, sh, sw, dh, dw, rows, wq) - row0 * wq;
         for (int64_t j = taps; j < kcols; ++j) t[j] = t[j - taps] + chan;
       };
-      buf = x_scratch<scalar_t>({batch * per_item + wq + 64}, {1}, batch * per_item + wq + 64, x.options());
-      scalar_t* bp = buf.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      p.shared_input = [=] {
+      p.shared_input = [=, &x](Problem<scalar_t>& shared) {
+        shared.input = x_scratch<scalar_t>({batch * per_item + wq + 64}, {1}, batch * per_item + wq + 64, x.options());
+        scalar_t* bp = shared.input.data_ptr<scalar_t>();
         fill_phases<scalar_t>(xp, bp, batch, c, h, w, sh, sw, ph, pw, wq, 0, hq);
         std::fill(bp + batch * per_item, bp + batch * per_item + wq + 64, scalar_t(0));
+        shared.x = bp;
       };
       // Phase rows that output rows [oh0, oh1] read: up to the taps' largest row shift below.
       const int64_t shift_h = (kh - 1) * dh / sh;
@@ -1004,13 +1009,14 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
         thread_local std::vector<int64_t> own_tab;
         own_tab.resize(static_cast<size_t>(kcols));
         tap_table(own_tab.data(), row0, rows);
+        local.input = own;
         local.x = ob;
         local.tab = own_tab.data();
         local.x_bstride = item;
         local.group_stride = cg * sh * sw * rows * wq;
       };
       tap_table(tab.data(), 0, hq);
-      p.x = bp;
+      p.x = nullptr;  // set by shared_input or own_input
       p.x_bstride = per_item;
       p.group_stride = cg * sh * sw * hq * wq;
       p.n = ho * wq;

@@ -269,6 +269,31 @@ def test_conv_cpu_threads(threads, cfg):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("cfg", [
+    (1, 16, 30, 30, 24, 3, 1, 1, 1, 1),   # tiles split: each thread copies its rows
+    (1, 64, 8, 8, 128, 3, 1, 1, 1, 1),    # rows split: each thread copies all of the input
+])
+def test_conv_cpu_threads_fresh_buffers(monkeypatch, cfg):
+    # A 1 KB scratch limit: every copy of the input is a fresh tensor, which must stay alive
+    # until the thread's product has read it (it did not: a copy over 64 MB was read freed).
+    monkeypatch.setenv("S2H_SPMM_KEEP_SCRATCH", "1024")
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(3):  # freed memory gets reused by the next call's allocations
+            conv_check("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_conv_cpu_no_input_channels():
+    # C = 0: W @ X is empty, the output is the bias.
+    sw = SparseWeight.from_dense(torch.zeros(3, 0))
+    bias = randn(3, seed=7)
+    y = s2h_kernels.spmm_conv2d(sw, torch.zeros(1, 0, 6, 6), 3, bias, padding=1)
+    torch.testing.assert_close(y, bias[None, :, None, None].expand(1, 3, 6, 6))
+
+
 def test_conv_float64_and_unbatched(backend, device_for):
     device = device_for(backend)
     conv_check(backend, device, 2, 4, 7, 9, 6, 3, 2, 1, 1, 2, dtype=torch.float64)
