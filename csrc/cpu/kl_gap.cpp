@@ -11,7 +11,8 @@
 //
 // No -march=native: on x86-64 the row loops are compiled three times, for AVX-512, AVX2+FMA and
 // the baseline, through per-function target attributes, and chosen at run time with
-// __builtin_cpu_supports (other CPUs: the baseline loops only). S2H_CPU_ISA=avx512|avx2|default forces a lower one (tests use it).
+// __builtin_cpu_supports (other CPUs: the baseline loops only). S2H_CPU_ISA=avx512|avx2|default
+// forces a lower one (tests use it).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -49,10 +49,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <functional>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -549,8 +549,7 @@ void run_part(const Problem<T>& p, const Kernels<T>& k, int64_t tc, int64_t pane
 }
 
 template <typename T>
-void run(const Problem<T>& problem) {
-  Problem<T> p = problem;  // shared_input() points p.x at the copy it makes
+void run(Problem<T> p) {  // a copy: shared_input() points p.x at the input copy it makes
   const Kernels<T>& k = kernels_for<T>(std::is_same_v<T, float> ? active_isa() : Isa::scalar);
   // Tile: all of N when it fits in vwide vectors (one pass over the rows: every nonzero reads
   // its X row once, whole), else vmax vectors.
@@ -606,7 +605,9 @@ void run(const Problem<T>& problem) {
       return true;
     };
   };
-  const bool own = p.own_input && by_tiles && p.batch == 1 && env_int("S2H_SPMM_CONV_STATIC", 1);
+  // Convs split by tiles: one contiguous run of tiles per thread (see below).
+  const bool conv_runs = by_tiles && p.tab != nullptr && p.x_bstride > 0 && env_int("S2H_SPMM_CONV_STATIC", 1);
+  const bool own = p.own_input && conv_runs && p.batch == 1;
   // By rows every thread reads all of the input: at batch 1 each makes its whole copy itself
   // (3-10% faster at 2 threads on 14x14 and 7x7 convs than one shared copy, whose lines both
   // cores read and every call has to take back).
@@ -629,7 +630,7 @@ void run(const Problem<T>& problem) {
                  split_rows(p.row_ptr, p.m, chunks, c + 1, 4), once(0, ntiles));
       fence_streaming_stores();
     });
-  } else if (p.tab != nullptr && p.x_bstride > 0 && env_int("S2H_SPMM_CONV_STATIC", 1)) {
+  } else if (conv_runs) {
     // Conv: thread i takes the i-th contiguous run of tiles, about the output rows whose input
     // rows it copied in fill_phases (the same contiguous split when parts equals the thread
     // count), so most of its X is in its own L2.  1x1 convs read the input itself; contiguous
@@ -979,8 +980,6 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
     } else {
       const int64_t hq = conv_phase_size(h, sh, ph), wq = conv_phase_size(w, sw, pw);
       const int64_t per_item = c * sh * sw * hq * wq;
-      // Slack after the last item: grid columns ow >= wo may read up to wq elements past a phase,
-      // and the AVX-512 grid kernels load whole vectors past the grid end (< 16 elements).
       // Tap offsets into planes of `rows` phase rows, starting at phase row row0: the taps of
       // channel 0, then a channel stride (no divisions per column: for 512 channels the
       // per-column formula cost 16 us a call).
@@ -989,34 +988,35 @@ at::Tensor spmm_conv2d_cpu(const at::Tensor& values, const at::Tensor& row_ptr, 
         for (int64_t j = 0; j < taps; ++j) t[j] = conv_tap_offset(j, kh, kw, sh, sw, dh, dw, rows, wq) - row0 * wq;
         for (int64_t j = taps; j < kcols; ++j) t[j] = t[j - taps] + chan;
       };
+      // The padded phase rows [row0, row0 + rows) of `items` images into a scratch buffer (the
+      // calling thread's), with the tap table `t` and into's pointers made to match.
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      p.shared_input = [=, &x](Problem<scalar_t>& shared) {
-        shared.input = x_scratch<scalar_t>({batch * per_item + wq + 64}, {1}, batch * per_item + wq + 64, x.options());
-        scalar_t* bp = shared.input.data_ptr<scalar_t>();
-        fill_phases<scalar_t>(xp, bp, batch, c, h, w, sh, sw, ph, pw, wq, 0, hq);
-        std::fill(bp + batch * per_item, bp + batch * per_item + wq + 64, scalar_t(0));
-        shared.x = bp;
+      const at::TensorOptions opts = x.options();
+      auto copy_input = [=](Problem<scalar_t>& into, int64_t items, int64_t row0, int64_t rows, int64_t* t) {
+        // Slack after the last item: grid columns ow >= wo may read up to wq elements past a
+        // phase, and the AVX-512 grid kernels load whole vectors past the grid end (< 16).
+        const int64_t item = c * sh * sw * rows * wq, slack = wq + 64;
+        into.input = x_scratch<scalar_t>({items * item + slack}, {1}, items * item + slack, opts);
+        scalar_t* b = into.input.data_ptr<scalar_t>();
+        fill_phases<scalar_t>(xp, b, items, c, h, w, sh, sw, ph, pw, wq, row0, rows);
+        std::fill(b + items * item, b + items * item + slack, scalar_t(0));
+        tap_table(t, row0, rows);
+        into.x = b;
+        into.tab = t;
+        into.x_bstride = item;
+        into.group_stride = cg * sh * sw * rows * wq;
       };
+      int64_t* shared_tab = tab.data();
+      p.shared_input = [=](Problem<scalar_t>& shared) { copy_input(shared, batch, 0, hq, shared_tab); };
       // Phase rows that output rows [oh0, oh1] read: up to the taps' largest row shift below.
       const int64_t shift_h = (kh - 1) * dh / sh;
-      p.own_input = [=, &x](int64_t q0, int64_t q1, Problem<scalar_t>& local) {
+      p.own_input = [=](int64_t q0, int64_t q1, Problem<scalar_t>& local) {
         const int64_t row0 = q0 / wq, rows = std::min(hq, (q1 - 1) / wq + shift_h + 1) - row0;
-        const int64_t item = c * sh * sw * rows * wq;
-        at::Tensor own = x_scratch<scalar_t>({item + wq + 64}, {1}, item + wq + 64, x.options());
-        scalar_t* ob = own.data_ptr<scalar_t>();
-        fill_phases<scalar_t>(xp, ob, 1, c, h, w, sh, sw, ph, pw, wq, row0, rows);
-        std::fill(ob + item, ob + item + wq + 64, scalar_t(0));
         thread_local std::vector<int64_t> own_tab;
         own_tab.resize(static_cast<size_t>(kcols));
-        tap_table(own_tab.data(), row0, rows);
-        local.input = own;
-        local.x = ob;
-        local.tab = own_tab.data();
-        local.x_bstride = item;
-        local.group_stride = cg * sh * sw * rows * wq;
+        copy_input(local, 1, row0, rows, own_tab.data());
       };
-      tap_table(tab.data(), 0, hq);
-      p.x = nullptr;  // set by shared_input or own_input
+      p.x = nullptr;  // x and tab's contents: set by shared_input or own_input
       p.x_bstride = per_item;
       p.group_stride = cg * sh * sw * hq * wq;
       p.n = ho * wq;
