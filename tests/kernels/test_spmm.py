@@ -1,4 +1,6 @@
 """spmm / spmm_conv2d: every backend against the dense reference (DESIGN §4)."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,11 +31,22 @@ def randn(*shape, dtype=torch.float32, seed=1, device="cpu"):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's CPU thread count set to n inside the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
-def check(backend, device, w, x, bias=None, relu=False):
+def assert_matches_dense(backend, device, w, x, bias=None, relu=False):
     sw = SparseWeight.from_dense(w).to(device)
     x = x.to(device)
     b = bias.to(device) if bias is not None else None
@@ -61,12 +74,12 @@ SMALL = [
 def test_matches_dense(backend, device_for, m, k, n, sparsity, bias, relu):
     w = sparse_matrix(m, k, sparsity)
     b = randn(m, seed=3) if bias else None
-    check(backend, device_for(backend), w, randn(k, n), b, relu)
+    assert_matches_dense(backend, device_for(backend), w, randn(k, n), b, relu)
 
 
 def test_empty_rows(backend, device_for):
     w = sparse_matrix(24, 37, 0.6, empty_rows=(0, 5, 6, 23))
-    y = check(backend, device_for(backend), w, randn(37, 21), randn(24, seed=2), relu=False)
+    y = assert_matches_dense(backend, device_for(backend), w, randn(37, 21), randn(24, seed=2), relu=False)
     torch.testing.assert_close(y[5], torch.full_like(y[5], float(randn(24, seed=2)[5])))
 
 
@@ -81,7 +94,7 @@ def test_non_contiguous_x(backend, device_for, layout):
     else:
         x = randn(46, 18)[::2]                # row stride 2*N
     assert not x.is_contiguous()
-    check(backend, device, w, x)
+    assert_matches_dense(backend, device, w, x)
 
 
 def test_vector_x(backend, device_for):
@@ -96,7 +109,7 @@ def test_vector_x(backend, device_for):
 
 def test_float64(backend, device_for):
     w = sparse_matrix(21, 35, 0.6, dtype=torch.float64)
-    check(backend, device_for(backend), w, randn(35, 13, dtype=torch.float64), randn(21, dtype=torch.float64), True)
+    assert_matches_dense(backend, device_for(backend), w, randn(35, 13, dtype=torch.float64), randn(21, dtype=torch.float64), True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -129,7 +142,7 @@ LARGE = [
 def test_cpu_isas(monkeypatch, isa, m, k, n, sparsity):
     monkeypatch.setenv("S2H_SPMM_ISA", isa)
     w = sparse_matrix(m, k, sparsity, seed=m + k)
-    check("cpu", torch.device("cpu"), w, randn(k, n, seed=n), randn(m, seed=7), relu=True)
+    assert_matches_dense("cpu", torch.device("cpu"), w, randn(k, n, seed=n), randn(m, seed=7), relu=True)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -139,7 +152,7 @@ def test_cpu_tail_columns_by_dot_kernel(monkeypatch, isa, n):
     monkeypatch.setenv("S2H_SPMM_ISA", isa)
     monkeypatch.setenv("S2H_SPMM_TAIL_X", "0")
     w = sparse_matrix(48, 150, 0.6, seed=n)
-    check("cpu", torch.device("cpu"), w, randn(150, n + 5, seed=n)[:, 5:], randn(48, seed=3), relu=True)
+    assert_matches_dense("cpu", torch.device("cpu"), w, randn(150, n + 5, seed=n)[:, 5:], randn(48, seed=3), relu=True)
 
 
 @pytest.mark.parametrize("keep", ["default", "0"])
@@ -152,7 +165,7 @@ def test_cpu_scratch_reused_across_calls(monkeypatch, keep):
     cases = [(96, 400, 196, 0.6), (48, 64, 17, 0.2), (96, 400, 34, 0.5), (48, 64, 17, 0.2), (20, 30, 40, 0.0)]
     for i, (m, k, n, sp) in enumerate(cases):
         w, x = sparse_matrix(m, k, sp, seed=i), randn(k, n + 3, seed=i)[:, 3:]  # misaligned rows
-        check("cpu", torch.device("cpu"), w, x, randn(m, seed=i), relu=i % 2 == 1)
+        assert_matches_dense("cpu", torch.device("cpu"), w, x, randn(m, seed=i), relu=i % 2 == 1)
 
 
 @pytest.mark.parametrize("n", [1, 5, 20, 49])
@@ -166,12 +179,8 @@ def test_cpu_empty_k(n):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_threads_agree(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        check("cpu", torch.device("cpu"), sparse_matrix(97, 333, 0.8), randn(333, 150), randn(97), relu=True)
-    finally:
-        torch.set_num_threads(old)
+    with num_threads(threads):
+        assert_matches_dense("cpu", torch.device("cpu"), sparse_matrix(97, 333, 0.8), randn(333, 150), randn(97), relu=True)
 
 
 def test_cpu_isa_env_rejects_unknown(monkeypatch):
@@ -202,8 +211,8 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else v
 
 
-def conv_check(backend, device, batch, cin, h, w_, cout, kernel, stride, padding, dilation, groups, sparsity=0.6,
-               dtype=torch.float32, relu=True):
+def assert_conv_matches(backend, device, batch, cin, h, w_, cout, kernel, stride, padding, dilation, groups,
+                        sparsity=0.6, dtype=torch.float32, relu=True):
     kh, kw = _pair(kernel)
     weight = sparse_matrix(cout, cin // groups * kh * kw, sparsity, dtype=dtype, seed=cin + cout)
     sw = SparseWeight.from_dense(weight).to(device)
@@ -219,7 +228,7 @@ def conv_check(backend, device, batch, cin, h, w_, cout, kernel, stride, padding
 
 @pytest.mark.parametrize("cfg", CONVS)
 def test_conv_matches_conv2d(backend, device_for, cfg):
-    conv_check(backend, device_for(backend), *cfg)
+    assert_conv_matches(backend, device_for(backend), *cfg)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -232,7 +241,7 @@ def test_conv_matches_conv2d(backend, device_for, cfg):
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.95])
 def test_conv_cpu_isas(monkeypatch, isa, cfg, sparsity):
     monkeypatch.setenv("S2H_SPMM_ISA", isa)
-    conv_check("cpu", torch.device("cpu"), *cfg, sparsity=sparsity)
+    assert_conv_matches("cpu", torch.device("cpu"), *cfg, sparsity=sparsity)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -241,8 +250,8 @@ def test_cpu_streaming_stores(monkeypatch, isa):
     # on the plain-row paths they apply to: a matmul with aligned rows and a batched 1x1 conv.
     monkeypatch.setenv("S2H_SPMM_ISA", isa)
     monkeypatch.setenv("S2H_SPMM_STREAM", "0")
-    check("cpu", torch.device("cpu"), sparse_matrix(40, 90, 0.8), randn(90, 160), randn(40, seed=2), relu=True)
-    conv_check("cpu", torch.device("cpu"), 3, 24, 8, 8, 48, 1, 1, 0, 1, 1, sparsity=0.9)
+    assert_matches_dense("cpu", torch.device("cpu"), sparse_matrix(40, 90, 0.8), randn(90, 160), randn(40, seed=2), relu=True)
+    assert_conv_matches("cpu", torch.device("cpu"), 3, 24, 8, 8, 48, 1, 1, 0, 1, 1, sparsity=0.9)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -261,12 +270,8 @@ def test_conv_cpu_threads(threads, cfg):
     # (image, row) or (image, channel) ranges, and each thread computes a contiguous run of output
     # tiles. Batch 1: each thread copies the input rows its tiles read (all of them when the
     # threads split the output rows) into its own buffer.
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        conv_check("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
-    finally:
-        torch.set_num_threads(old)
+    with num_threads(threads):
+        assert_conv_matches("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -277,13 +282,9 @@ def test_conv_cpu_threads_fresh_buffers(monkeypatch, cfg):
     # A 1 KB scratch limit: every copy of the input is a fresh tensor, which must stay alive
     # until the thread's product has read it (it did not: a copy over 64 MB was read freed).
     monkeypatch.setenv("S2H_SPMM_KEEP_SCRATCH", "1024")
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         for _ in range(3):  # freed memory gets reused by the next call's allocations
-            conv_check("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
-    finally:
-        torch.set_num_threads(old)
+            assert_conv_matches("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
 
 
 def test_conv_cpu_no_input_channels():
@@ -296,7 +297,7 @@ def test_conv_cpu_no_input_channels():
 
 def test_conv_float64_and_unbatched(backend, device_for):
     device = device_for(backend)
-    conv_check(backend, device, 2, 4, 7, 9, 6, 3, 2, 1, 1, 2, dtype=torch.float64)
+    assert_conv_matches(backend, device, 2, 4, 7, 9, 6, 3, 2, 1, 1, 2, dtype=torch.float64)
     weight = sparse_matrix(5, 3 * 9, 0.5)
     sw = SparseWeight.from_dense(weight).to(device)
     x = randn(3, 8, 8, device=device)
@@ -324,27 +325,19 @@ SELL = [
 @pytest.mark.parametrize("threads", [1, 2])
 def test_spmv_sell_matches_dense(monkeypatch, isa, m, k, sparsity, threads):
     monkeypatch.setenv("S2H_SPMM_ISA", isa)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         w = sparse_matrix(m, k, sparsity, seed=m + k, empty_rows=(0,) if m > 2 else ())
         sw, x, bias = SparseWeight.from_dense(w), randn(k, 1, seed=k), randn(m, seed=5)
         ref = reference.spmm(sw, x, bias, relu=True)
         y = torch.ops.s2h.spmv_sell(*sw.sell(), m, x, bias, True)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s2h_kernels.spmm(sw, x[:, 0]), reference.spmm(sw, x[:, 0]), rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_spmv_sell_many_threads_balanced():
     # Enough packed entries for the slice ranges of several threads (2^14 per thread).
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        check("cpu", torch.device("cpu"), sparse_matrix(700, 400, 0.8, seed=3), randn(400, 1, seed=3)[::1], randn(700))
-    finally:
-        torch.set_num_threads(old)
+    with num_threads(2):
+        assert_matches_dense("cpu", torch.device("cpu"), sparse_matrix(700, 400, 0.8, seed=3), randn(400, 1, seed=3)[::1], randn(700))
 
 
 def test_sell_packing_follows_the_weight():
