@@ -30,10 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + [os.path.join(ROOT, "csrc", "ops.cpp")]
 FLAGS = ["-std=c++20", "-O2", "-fopenmp", "-fno-trapping-math", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H",
          "-DTORCH_EXTENSION_NAME=_C"]
-# name: (compiler, extra flags, Debian packages)
+# name: (compiler, Debian packages)
 COMPILERS = {
-    "clang x86-64": ("clang++", [], ["clang", "libomp-dev"]),
-    "gcc aarch64": ("aarch64-linux-gnu-g++", [], ["g++-aarch64-linux-gnu"]),
+    "clang x86-64": ("clang++", ["clang", "libomp-dev"]),
+    "gcc aarch64": ("aarch64-linux-gnu-g++", ["g++-aarch64-linux-gnu"]),
 }
 
 
@@ -53,7 +53,7 @@ def main():
     includes = [f"-I{p}" for p in [os.path.join(ROOT, "csrc"), *include_paths(), sysconfig.get_paths()["include"]]]
     failed, skipped = [], []
     with tempfile.TemporaryDirectory() as out:
-        for name, (cxx, extra, packages) in COMPILERS.items():
+        for name, (cxx, packages) in COMPILERS.items():
             if shutil.which(cxx) is None and args.install:
                 install(packages)
             if shutil.which(cxx) is None:
@@ -61,7 +61,7 @@ def main():
                 continue
             for src in SOURCES:
                 obj = os.path.join(out, os.path.basename(src) + ".o")
-                cmd = [cxx, *FLAGS, *extra, *includes, "-c", src, "-o", obj, "-w"]
+                cmd = [cxx, *FLAGS, *includes, "-c", src, "-o", obj, "-w"]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 rel = os.path.relpath(src, ROOT)
                 if res.returncode != 0:
