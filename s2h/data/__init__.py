@@ -11,6 +11,9 @@ Five datasets, one call each::
 ``digits``         scikit-learn's bundled ``load_digits`` (1,797 8x8 grayscale images, 10
                    classes). No files needed. A fixed stratified 80/20 train/test split
                    (``split_seed``). ``image_size=32`` upscales (bilinear) for CIFAR-sized models.
+``fashion-mnist``  the four idx files (``train-images-idx3-ubyte.gz`` ...; 60,000 + 10,000 28x28
+                   grayscale images, 10 classes), from DIR, ``$S2H_DATA`` or Debian's
+                   ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
 ``cifar10``        ``DIR/cifar-10-batches-py/`` (data_batch_1..5, test_batch, batches.meta): the
                    "python version" archive, the layout torchvision uses.
 ``cifar100``       ``DIR/cifar-100-python/`` (train, test, meta), fine labels.
@@ -37,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,23 +47,23 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+from . import fashion_mnist
+from .files import CIFAR10_URL, CIFAR100_URL, IMG_EXTENSIONS, TINY_IMAGENET_URL, cifar, imagefolder, tiny_imagenet
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
 
 # Per-channel mean/std used to normalise inputs.
 _STATS = {
     "digits": ((0.3053,), (0.3760,)),  # pixel/16 over all 1,797 images
+    "fashion-mnist": ((0.2860,), (0.3530,)),  # pixel/255 over the 60,000 training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tiny-imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet
 }
-_NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32, "tiny-imagenet": 64, "imagefolder": 224}
-_CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3, "tiny-imagenet": 3, "imagefolder": 3}
+_NATIVE_SIZE = {"digits": 8, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "tiny-imagenet": 64, "imagefolder": 224}
+_CHANNELS = {"digits": 1, "fashion-mnist": 1, "cifar10": 3, "cifar100": 3, "tiny-imagenet": 3, "imagefolder": 3}
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,10 @@ class DataLoaders:
 # helpers
 
 
-def _check_name(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The dataset key for a user-given name (case and ``_`` / ``-`` forgiven), or ValueError."""
     key = name.lower().replace("_", "-")
-    if key == "tinyimagenet":
-        key = "tiny-imagenet"
+    key = {"tinyimagenet": "tiny-imagenet", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}.get(key, key)
     if key not in DATASETS:
         raise ValueError(f"get_dataset: unknown dataset {name!r}; choose one of {DATASETS}")
     return key
@@ -116,9 +118,9 @@ def _resolve_dir(data_dir) -> Path:
 def dataset_info(name: str, image_size: int | None = None, num_classes: int | None = None) -> DatasetInfo:
     """Static facts about a dataset. ``num_classes`` overrides the standard class count (it is read
     from the files by :func:`get_loaders`; imagefolder has no standard count)."""
-    key = _check_name(name)
+    key = canonical_name(name)
     classes = num_classes if num_classes is not None else \
-        {"digits": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}.get(key)
+        {"digits": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}.get(key)
     if classes is None:
         raise ValueError("dataset_info: imagefolder needs num_classes (it is read from the folders)")
     mean, std = _STATS[key]
@@ -150,20 +152,39 @@ def _image_transform(key: str, train: bool, augment: bool, image_size: int):
 
 
 class TensorImageDataset(Dataset):
-    """Images already held as one float tensor (N, C, H, W) with integer labels."""
+    """Images already held as one float tensor (N, C, H, W) with integer labels.
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str]):
+    ``crop_padding > 0`` takes a random crop of the zero-padded image (zero after normalisation is
+    the mean, as torchvision's padded RandomCrop on normalised data is not; here the pad is the
+    image's background value ``pad_value``), and ``flip`` a random horizontal flip: the same
+    augmentation as the file datasets', done on tensors, drawn from torch's global RNG.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], *,
+                 crop_padding: int = 0, flip: bool = False, pad_value: float = 0.0):
         if images.shape[0] != targets.shape[0]:
             raise ValueError("TensorImageDataset: images and targets differ in length")
         self.images = images
         self.targets = targets.long()
         self.classes = classes
+        self.crop_padding = int(crop_padding)
+        self.flip = bool(flip)
+        self.pad_value = float(pad_value)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i):
-        return self.images[i], int(self.targets[i])
+        x = self.images[i]
+        p = self.crop_padding
+        if p > 0:
+            h, w = x.shape[-2:]
+            padded = torch.nn.functional.pad(x, (p, p, p, p), value=self.pad_value)
+            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            x = padded[..., top:top + h, left:left + w]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.targets[i])
 
 
 def digits_split(n_test_fraction: float = 0.2, split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,168 +220,16 @@ def _digits(train: bool, image_size: int | None, split_seed: int) -> TensorImage
     return TensorImageDataset(images.contiguous(), targets, [str(i) for i in range(10)])
 
 
-# --------------------------------------------------------------------------------------------
-# CIFAR
-
-
-class CIFARDataset(Dataset):
-    """CIFAR-10/100 from the python-version pickles (the layout torchvision downloads)."""
-
-    def __init__(self, data: torch.Tensor, targets: torch.Tensor, classes: list[str], transform=None):
-        self.data = data  # uint8 (N, 32, 32, 3)
-        self.targets = targets.long()
-        self.classes = classes
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        img = Image.fromarray(self.data[i].numpy())
-        x = self.transform(img) if self.transform is not None else img
-        return x, int(self.targets[i])
-
-
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
-
-
-def _cifar(key: str, root: Path, train: bool, download: bool, transform) -> CIFARDataset:
-    if key == "cifar10":
-        folder, files = "cifar-10-batches-py", ([f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"])
-        meta, names_key, label_key, url = "batches.meta", "label_names", "labels", CIFAR10_URL
-    else:
-        folder, files = "cifar-100-python", (["train"] if train else ["test"])
-        meta, names_key, label_key, url = "meta", "fine_label_names", "fine_labels", CIFAR100_URL
-    base = root / folder
-    needed = files + [meta]
-    missing = [f for f in needed if not (base / f).is_file()]
-    if missing and download:
-        from torchvision import datasets
-
-        cls = datasets.CIFAR10 if key == "cifar10" else datasets.CIFAR100
-        cls(str(root), train=train, download=True)
-        missing = [f for f in needed if not (base / f).is_file()]
-    if missing:
-        listing = ", ".join(needed)
-        raise FileNotFoundError(
-            f"{key} not found: missing {', '.join(missing)} in {base.resolve()}. Put the python-version "
-            f"CIFAR files there ({listing}): download {url} and extract it into {root.resolve()}, "
-            f"or pass download=True (CLI: --download)."
-        )
-    data, targets = [], []
-    for f in files:
-        entry = _unpickle(base / f)
-        arr = torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
-        data.append(arr.permute(0, 2, 3, 1).contiguous())
-        targets.extend(entry[label_key])
-    classes = list(_unpickle(base / meta)[names_key])
-    return CIFARDataset(torch.cat(data), torch.as_tensor(targets), classes, transform)
-
-
-# --------------------------------------------------------------------------------------------
-# image files (tiny-imagenet, imagefolder)
-
-
-class ImageListDataset(Dataset):
-    """(path, label) pairs read with PIL and converted to RGB."""
-
-    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform=None):
-        self.samples = samples
-        self.targets = [t for _, t in samples]
-        self.classes = classes
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        path, target = self.samples[i]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-        x = self.transform(img) if self.transform is not None else img
-        return x, target
-
-
-def _tiny_imagenet_root(root: Path) -> Path:
-    for cand in (root / "tiny-imagenet-200", root):
-        if (cand / "train").is_dir() and (cand / "val").is_dir():
-            return cand
-    return root / "tiny-imagenet-200"
-
-
-def _tiny_imagenet(root: Path, train: bool, download: bool, transform) -> ImageListDataset:
-    base = _tiny_imagenet_root(root)
-    if not (base / "train").is_dir() and download:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(root))
-        base = _tiny_imagenet_root(root)
-    layout = ("train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
-              "(tab-separated: file, wnid, ...)")
-    hint = (f"Put Tiny ImageNet at {base.resolve()} ({layout}): download {TINY_IMAGENET_URL} and unzip it "
-            f"into {root.resolve()}, or pass download=True (CLI: --download).")
-    if not (base / "train").is_dir():
-        raise FileNotFoundError(f"tiny-imagenet not found: no {(base / 'train').resolve()}. {hint}")
-    if (base / "wnids.txt").is_file():
-        wnids = [w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()]
-    else:
-        wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    wnids = sorted(wnids)
-    if not wnids:
-        raise FileNotFoundError(f"tiny-imagenet: no class folders in {(base / 'train').resolve()}. {hint}")
-    index = {w: i for i, w in enumerate(wnids)}
-    samples: list[tuple[str, int]] = []
-    if train:
-        for w in wnids:
-            folder = base / "train" / w / "images"
-            if not folder.is_dir():
-                folder = base / "train" / w
-            for p in sorted(folder.iterdir()):
-                if p.suffix.lower() in IMG_EXTENSIONS:
-                    samples.append((str(p), index[w]))
-    else:
-        ann = base / "val" / "val_annotations.txt"
-        if not ann.is_file():
-            raise FileNotFoundError(f"tiny-imagenet: missing {ann.resolve()}. {hint}")
-        for line in ann.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) < 2:
-                continue
-            fname, w = parts[0].strip(), parts[1].strip()
-            if w not in index:
-                raise ValueError(f"tiny-imagenet: {ann} names class {w!r}, which has no training folder")
-            samples.append((str(base / "val" / "images" / fname), index[w]))
-    if not samples:
-        raise FileNotFoundError(f"tiny-imagenet: no images found for the {'train' if train else 'val'} split. {hint}")
-    return ImageListDataset(samples, wnids, transform)
-
-
-def _imagefolder(root: Path, train: bool, transform) -> ImageListDataset:
-    from torchvision.datasets import ImageFolder
-
-    split = "train" if train else ("val" if (root / "val").is_dir() else "test")
-    folder = root / split
-    if not folder.is_dir():
-        want = "train" if train else "val"
-        raise FileNotFoundError(
-            f"imagefolder: no {(root / want).resolve()}. Put images at {root.resolve()}/train/<class>/<image> "
-            f"and {root.resolve()}/val/<class>/<image> (one folder per class, the same class names in both)."
-        )
-    ds = ImageFolder(str(folder))
-    if train is False and (root / "train").is_dir():
-        train_classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        if train_classes != ds.classes:
-            raise ValueError(
-                f"imagefolder: class folders differ between {root / 'train'} ({len(train_classes)}) and "
-                f"{folder} ({len(ds.classes)}); they must hold the same class names"
-            )
-    return ImageListDataset(list(ds.samples), list(ds.classes), transform)
+def _fashion_mnist(root, train: bool, download: bool, image_size: int, augment: bool) -> TensorImageDataset:
+    images, targets = fashion_mnist.load_split(root, train, download)
+    x = images.unsqueeze(1).float().div_(255.0)
+    if image_size != 28:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    mean, std = _STATS["fashion-mnist"]
+    x = (x - mean[0]) / std[0]
+    aug = train and augment
+    return TensorImageDataset(x.contiguous(), targets, list(fashion_mnist.CLASSES),
+                              crop_padding=image_size // 8 if aug else 0, flip=aug, pad_value=-mean[0] / std[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,10 +242,12 @@ def get_dataset(name: str, data_dir=None, train: bool = True, download: bool = F
 
     Args:
         name: one of :data:`DATASETS`.
-        data_dir: folder holding the dataset (ignored for digits); default ``$S2H_DATA`` or ``./data``.
+        data_dir: folder holding the dataset (ignored for digits); default ``$S2H_DATA`` or ``./data``
+            (fashion-mnist: then Debian's ``/usr/share/datasets/fashion-mnist``).
         train: the training split if True, else the test split (tiny-imagenet: val; imagefolder: val/).
-        download: fetch cifar10/cifar100/tiny-imagenet into ``data_dir`` when missing. Never implied.
-        image_size: square side to resize to; default the native size (digits 8, CIFAR 32,
+        download: fetch cifar10/cifar100/tiny-imagenet/fashion-mnist into ``data_dir`` when missing.
+            Never implied.
+        image_size: square side to resize to; default the native size (digits 8, fashion-mnist 28, CIFAR 32,
             tiny-imagenet 64, imagefolder 224). ``digits`` with 32 upscales for CIFAR models.
         augment: random crop + horizontal flip (imagefolder: random resized crop + flip); only used
             when ``train`` (digits are never augmented: flipped digits are other digits).
@@ -384,21 +255,23 @@ def get_dataset(name: str, data_dir=None, train: bool = True, download: bool = F
 
     The returned dataset has ``.classes`` (list of class names) and ``.targets``.
     """
-    key = _check_name(name)
+    key = canonical_name(name)
     if image_size is not None and int(image_size) < 1:
         raise ValueError(f"get_dataset: image_size must be positive, got {image_size}")
     if key == "digits":
         return _digits(train, image_size, split_seed)
-    root = _resolve_dir(data_dir)
     size = int(image_size or _NATIVE_SIZE[key])
+    if key == "fashion-mnist":
+        return _fashion_mnist(data_dir, train, download, size, augment)
+    root = _resolve_dir(data_dir)
     transform = _image_transform(key, train, augment, size)
     if key in ("cifar10", "cifar100"):
-        return _cifar(key, root, train, download, transform)
+        return cifar(key, root, train, download, transform)
     if key == "tiny-imagenet":
-        return _tiny_imagenet(root, train, download, transform)
+        return tiny_imagenet(root, train, download, transform)
     if download:
         raise ValueError("get_dataset: imagefolder cannot be downloaded; point data_dir at your folders")
-    return _imagefolder(root, train, transform)
+    return imagefolder(root, train, transform)
 
 
 def _seeded_subset(n: int, k: int | None, seed: int) -> torch.Tensor:
@@ -435,7 +308,7 @@ def get_loaders(name: str, data_dir=None, batch_size: int = 128, *, eval_batch_s
         raise ValueError(f"get_loaders: batch_size must be positive, got {batch_size}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"get_loaders: val_fraction must be in [0, 1), got {val_fraction}")
-    key = _check_name(name)
+    key = canonical_name(name)
     train_ds = get_dataset(key, data_dir, train=True, download=download, image_size=image_size, augment=augment)
     test_ds = get_dataset(key, data_dir, train=False, download=False, image_size=image_size)
     classes = list(getattr(train_ds, "classes", []))
@@ -477,8 +350,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str = "digits")
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=default, choices=DATASETS, help=f"dataset (default {default})")
     g.add_argument("--data-dir", default=None,
-                   help="folder holding the dataset (default $S2H_DATA or ./data; unused for digits)")
-    g.add_argument("--download", action="store_true", help="download cifar10/cifar100/tiny-imagenet if missing")
+                   help="folder holding the dataset (default $S2H_DATA or ./data; fashion-mnist then "
+                        "/usr/share/datasets/fashion-mnist; unused for digits)")
+    g.add_argument("--download", action="store_true", help="download cifar10/cifar100/tiny-imagenet/fashion-mnist if missing")
     g.add_argument("--image-size", type=int, default=None,
                    help="resize inputs to this square size (digits: 8 native, 32 to upscale)")
     g.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
@@ -495,3 +369,7 @@ def loaders_from_args(args: argparse.Namespace) -> DataLoaders:
                        seed=getattr(args, "seed", 0), val_fraction=args.val_fraction, download=args.download,
                        image_size=args.image_size, augment=not args.no_augment,
                        max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples)
+
+
+# The name train.py used before it was public.
+_check_name = canonical_name
