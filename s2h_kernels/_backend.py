@@ -1,13 +1,16 @@
 """Backend choice per op: CPU tensors -> C++; CUDA tensors -> Triton by default, CUDA C++ on request.
 
 Triton also runs CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported: that
-is how the Triton kernels are tested on machines without a GPU.
+is how the Triton kernels are tested on machines without a GPU. triton is optional: without it,
+``backend="triton"`` (and the default on CUDA tensors) raises an ImportError that says to install it.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+from . import _triton
 
 BACKENDS = ("cpu", "cuda", "triton")
 
@@ -26,8 +29,10 @@ def cuda_kernels_built() -> bool:
 def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     """The backend that runs ``op`` on ``device``; a clear error when it cannot."""
     if backend is None:
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend not in BACKENDS:
+        if device.type != "cuda":
+            return "cpu"
+        backend = "triton"
+    elif backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
@@ -36,6 +41,8 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
             raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
         if not cuda_kernels_built():
             raise RuntimeError(f"{op}: s2h_kernels was built without CUDA kernels (S2H_SKIP_CUDA=1 or no toolkit)")
+    if backend == "triton" and not _triton.available():
+        raise ImportError(_triton.missing_message(op))
     if backend == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device} "

@@ -1,4 +1,4 @@
-"""Pure-PyTorch channel masks, one group at a time (DESIGN §2). The oracle for every backend."""
+"""Pure-PyTorch channel masks, one group at a time (docs/DESIGN.md §2). The oracle for every backend."""
 from __future__ import annotations
 
 import math

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import s2h_kernels
 from s2h_kernels import reference
 
-kl_mod = sys.modules["s2h_kernels.kl_gap"]
 
 # The interpreter evaluates masked-off lanes too (-inf - -inf): numpy warns, the kernel discards them.
 pytestmark = pytest.mark.filterwarnings(
@@ -337,7 +336,9 @@ def test_cpu_multi_chunk(dtype):
 
 def test_triton_multi_chunk(monkeypatch):
     """Chunks of 16 classes: the online rescaling across chunks, -inf and NaN-free tails."""
-    monkeypatch.setattr(kl_mod, "MAX_BLOCK", 16)
+    from s2h_kernels._triton import kl_common
+
+    monkeypatch.setattr(kl_common, "MAX_BLOCK", 16)
     s, h = logits((3, 83), seed=26, scale=6.0), logits((3, 83), seed=27, scale=6.0)
     s, h = s.to(TRITON_DEVICE), h.to(TRITON_DEVICE)
     s[0, 40:60] = NINF  # a whole chunk masked
@@ -640,21 +641,21 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         import sys, torch, triton, triton.language as tl
         from triton.backends.compiler import GPUTarget
         import s2h_kernels
-        K = sys.modules["s2h_kernels.kl_gap"]
+        from s2h_kernels._triton import ca_kld as K_cak, kl_gap as K_gap
         common = {"C": "i32", "BLOCK": "constexpr", "ACC": "constexpr"}
         def comp(fn, sig, consts):
             triton.compile(triton.compiler.ASTSource(fn=fn, signature={**sig, **common}, constexprs=consts),
                            target=GPUTarget("cuda", 90, 32))
         for pt, acc in (("*fp32", tl.float32), ("*bf16", tl.float32), ("*fp64", tl.float64)):
             lt = "*fp64" if acc == tl.float64 else "*fp32"
-            comp(K._kl_gap_kernel, {"s_ptr": pt, "h_ptr": pt, "loss_ptr": lt, "gs_ptr": pt, "gh_ptr": pt,
+            comp(K_gap.kl_gap_kernel, {"s_ptr": pt, "h_ptr": pt, "loss_ptr": lt, "gs_ptr": pt, "gh_ptr": pt,
                  "stride_s": "i32", "stride_h": "i32", "stride_g": "i32", "inv_t": "fp32", "gscale": "fp32"},
                  {"BLOCK": 1024, "ACC": acc})
             if pt == "*fp64":
                 continue
-            comp(K._top1_kernel, {"z_ptr": pt, "out_ptr": lt, "stride": "i32"}, {"BLOCK": 1024, "ACC": acc})
+            comp(K_cak.top1_kernel, {"z_ptr": pt, "out_ptr": lt, "stride": "i32"}, {"BLOCK": 1024, "ACC": acc})
             for std in (True, False):
-                comp(K._ca_kld_kernel, {"zs_ptr": pt, "zt_ptr": pt, "gamma_ptr": lt, "loss_ptr": lt, "g_ptr": pt,
+                comp(K_cak.ca_kld_kernel, {"zs_ptr": pt, "zt_ptr": pt, "gamma_ptr": lt, "loss_ptr": lt, "g_ptr": pt,
                      "stride_s": "i32", "stride_t": "i32", "stride_g": "i32", "inv_t": "fp32", "eps": "fp32", "grad_scale": "fp32",
                      "STD": "constexpr"}, {"STD": std, "BLOCK": 1024, "ACC": acc})
         print("compiled")
