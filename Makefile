@@ -8,7 +8,7 @@ export S2H_SKIP_CUDA
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: setup install demo test test-fast bench cuda-check portable-check wheel clean
+.PHONY: setup install demo test test-fast bench cuda-check portable-check wheel gpu-static gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ wheel: $(VENV)/.deps
 	S2H_SKIP_CUDA=0 S2H_CUDA_ARCHS="$(S2H_CUDA_ARCHS)" $(BIN)/python -m pip wheel --no-build-isolation --no-deps -w dist .
 	$(BIN)/pip install -q nvidia-cuda-cuobjdump
 	$(BIN)/python tools/check_wheel_archs.py dist/s2h-*.whl "$(S2H_CUDA_ARCHS)"
+
+# Without a GPU: every Triton kernel compiled for sm_80/sm_90 and every .cu by nvcc, with registers, spills,
+# shared memory, theoretical occupancy and roofline estimates -> benchmarks/results/gpu_static.md (~5 min on 2 cores).
+gpu-static: install
+	$(BIN)/python tools/gpu_resources.py
+
+# On a machine with a CUDA GPU: gpu tests, fused-vs-eager/compile benchmarks, two-stream overlap, a 1-epoch
+# prune run -> benchmarks/results/gpu_<device>.md; exits 1 on any mismatch. Without a GPU: says so, exits 0.
+gpu-check: install
+	$(BIN)/python tools/gpu_check.py
 
 clean:
 	rm -rf build dist *.egg-info s2h_kernels/_C*.so
