@@ -24,9 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import s2h  # noqa: E402
-from s2h.reference import S2HReference  # noqa: E402
-from s2h.train import tune_cpu_allocator  # noqa: E402
-from s2h.trainer import S2HPruner  # noqa: E402
+from s2h.structured.reference import S2HReference  # noqa: E402
+from s2h.engine.perf import tune_cpu_allocator  # noqa: E402
+from s2h.structured.step import S2HPruner  # noqa: E402
 from test_bench_step import BATCH, CLASSES, SIZE, _trainer, set_hard_flops  # noqa: E402
 
 

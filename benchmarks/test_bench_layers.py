@@ -29,11 +29,11 @@ def plain_masked(model):
 
     This is the literal algorithm's hard network: full-width compute, pruned channels zeroed.
     """
-    keep = model._ensure_masks(grad=False).keep_list
+    keep = model.ensure_masks(grad=False).keep_list
     net = copy.deepcopy(model.model)
     hooks = []
     for name, m in list(net.named_modules()):
-        if not isinstance(m, s2h.layers.S2H_LAYER_TYPES):
+        if not isinstance(m, s2h.structured.S2H_LAYER_TYPES):
             continue
         mask = None
         spec = m.out_spec

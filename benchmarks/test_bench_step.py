@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 import s2h
 from s2h.models import resnet56
-from s2h.reference import S2HReference
-from s2h.train import tune_cpu_allocator
-from s2h.trainer import S2HPruner
+from s2h.structured.reference import S2HReference
+from s2h.engine.perf import tune_cpu_allocator
+from s2h.structured.step import S2HPruner
 from s2h_kernels import channel_masks
 
 BATCH, SIZE, CLASSES = 64, 32, 100

@@ -63,7 +63,7 @@ def _group(device, n):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vit_step_eager_reference(benchmark, device):
-    from s2h.reference import S2HReference
+    from s2h.structured.reference import S2HReference
 
     n = BATCH[device]
     pruner = _pruner(S2HReference, device)
@@ -75,8 +75,8 @@ def test_vit_step_eager_reference(benchmark, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vit_step_fused(benchmark, device):
-    from s2h.reference import S2HReference
-    from s2h.trainer import S2HPruner
+    from s2h.structured.reference import S2HReference
+    from s2h.structured.step import S2HPruner
 
     n = BATCH[device]
     pruner = _pruner(S2HPruner, device)

@@ -1,18 +1,20 @@
-"""s2h: S2HPruner structured channel pruning (and teacher-guided one-shot pruning) for PyTorch."""
-from .layers import (
-    S2HBatchNorm1d,
-    S2HBatchNorm2d,
-    S2HConv2d,
-    S2HLayerNorm,
-    S2HLinear,
-    branch,
-    current_branch,
-)
-from .model import S2HModel, convert
-from .export import export, load, save
-from .trainer import NonFiniteLossError, S2HPruner
-from .reference import S2HReference
-from . import data, models, oneshot, plots, sparse
+"""s2h: S2HPruner structured channel pruning and teacher-guided one-shot unstructured pruning for PyTorch.
+
+Packages: :mod:`s2h.structured` (S2HPruner), :mod:`s2h.unstructured` (one-shot pruning),
+:mod:`s2h.sparse` (sparse CPU serving), :mod:`s2h.engine` (shared plumbing), :mod:`s2h.cli`
+(``python -m s2h``), :mod:`s2h.models`, :mod:`s2h.data`.
+"""
+from . import export as _export_module  # noqa: F401  loaded first so that the name s2h.export ends up the function
+from .structured.convert import convert
+from .structured.export import export
+from .structured.io import load, save
+from .structured.layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLayerNorm, S2HLinear
+from .structured.masks import branch, current_branch
+from .structured.model import S2HModel
+from .structured.reference import S2HReference
+from .structured.step import NonFiniteLossError, S2HPruner
+from . import data, engine, models, sparse, structured, unstructured
+from . import oneshot, plots  # deprecated paths (names read from them warn)
 
 __all__ = [
     "NonFiniteLossError",
@@ -27,12 +29,15 @@ __all__ = [
     "branch",
     "convert",
     "current_branch",
+    "data",
+    "engine",
     "export",
     "load",
-    "data",
     "models",
     "oneshot",
     "plots",
-    "sparse",
     "save",
+    "sparse",
+    "structured",
+    "unstructured",
 ]

@@ -14,7 +14,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from s2h.layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLayerNorm, S2HLinear
+from s2h.structured.layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLayerNorm, S2HLinear
 
 
 def macs(model: nn.Module, *inputs) -> float:

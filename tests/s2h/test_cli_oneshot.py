@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from s2h import cli, oneshot
+from s2h import cli
+from s2h import unstructured as oneshot
 
 QUICK = ["--teacher-epochs", "1", "--distill-epochs", "1", "--retrain-epochs", "1", "--importance-batches", "2",
          "--max-train-samples", "128", "--batch-size", "32", "--no-progress", "--threads", "1"]

@@ -100,7 +100,7 @@ def test_export_equals_hard_branch(case):
     name, original, model, x = case
     exported = model.export().eval()
     for m in exported.modules():
-        assert not isinstance(m, s2h.layers.S2H_LAYER_TYPES)
+        assert not isinstance(m, s2h.structured.S2H_LAYER_TYPES)
     n_params = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
     assert n_params(exported) < n_params(original)
     with torch.no_grad():

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import s2h
-from s2h.trainer import S2HPruner
+from s2h.structured.step import S2HPruner
 
 STEPS = 4
 BATCH = 16

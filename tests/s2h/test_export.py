@@ -42,7 +42,7 @@ def test_export_after_training_equals_hard_branch():
     assert not torch.equal(bn.running_mean_hard, bn.running_mean_soft)
     exported = model.export().eval()
     types = {type(m) for m in exported.modules()}
-    assert not types & set(s2h.layers.S2H_LAYER_TYPES)
+    assert not types & set(s2h.structured.S2H_LAYER_TYPES)
     assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear} <= types
     k = model.keep_counts()[model.groups[0].name]
     torch.testing.assert_close(exported.bn1.running_mean, bn.running_mean_hard[:k])
@@ -109,7 +109,7 @@ def test_save_load_exported_model(tmp_path):
     assert payload["format"] == "s2h-exported" and _only_plain_values(payload)
     assert payload["widths"] == model.keep_counts()
     loaded = s2h.load(path, factory).eval()
-    assert not any(isinstance(m, s2h.layers.S2H_LAYER_TYPES) for m in loaded.modules())
+    assert not any(isinstance(m, s2h.structured.S2H_LAYER_TYPES) for m in loaded.modules())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), exported(x), rtol=0, atol=0)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import s2h
-import s2h.model as s2h_model
-from s2h.layers import ChannelSpec, Segment
+import s2h.structured.model as s2h_model
+from s2h.structured.masks import ChannelSpec, Segment
 from s2h_kernels import reference
 from s2h_reference import CatNet, peaked_u, plain_copy, random_u, randomize_norms, tp_prune
 
@@ -296,7 +296,7 @@ def test_layer_errors():
     with pytest.raises(RuntimeError, match="not bound to an S2HModel"):
         s2h.S2HLinear(4, 3).forward_pair(torch.randn(1, 4), torch.randn(1, 4))
     _, model, x = make()
-    model._mask_state.clear()
+    model.mask_state.clear()
     with s2h.branch("soft"), pytest.raises(RuntimeError, match="update_masks"):
         model.model(x)  # the inner network, bypassing S2HModel.forward
     with pytest.raises(ValueError, match="only a 1-D normalized_shape"):
@@ -366,7 +366,7 @@ def test_channel_spec_concat_offsets():
 ])
 def test_narrow_conv_gradients_equal_conv2d(c_in, c_out, kernel, padding, bias):
     """The hard branch's narrow conv (input gradient as a forward conv) against F.conv2d's autograd."""
-    from s2h.layers import _NarrowConv2d
+    from s2h.structured.layers.conv import NarrowConv2d
 
     torch.manual_seed(0)
     k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
@@ -376,22 +376,22 @@ def test_narrow_conv_gradients_equal_conv2d(c_in, c_out, kernel, padding, bias):
     b = torch.randn(c_out, dtype=torch.float64, requires_grad=True) if bias else None
     inputs = [t for t in (x, w, b) if t is not None]
     g = torch.randn(3, c_out, 9 + 2 * p[0] - k[0] + 1, 7 + 2 * p[1] - k[1] + 1, dtype=torch.float64)
-    y = _NarrowConv2d.apply(x, w, b, p)
+    y = NarrowConv2d.apply(x, w, b, p)
     got = torch.autograd.grad(y, inputs, g)
     y_ref = F.conv2d(x, w, b, 1, p)
     want = torch.autograd.grad(y_ref, inputs, g)
     torch.testing.assert_close(y, y_ref)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
-    assert torch.autograd.gradcheck(lambda *t: _NarrowConv2d.apply(t[0], t[1], t[2] if bias else None, p), tuple(inputs))
+    assert torch.autograd.gradcheck(lambda *t: NarrowConv2d.apply(t[0], t[1], t[2] if bias else None, p), tuple(inputs))
 
 
 def test_hard_branch_takes_the_narrow_conv_path(monkeypatch):
     """(Its values: test_binary_soft_mask_equals_hard_branch_in_training runs the same path.)"""
-    from s2h import layers
+    from s2h.structured.layers import conv
 
     calls = []
-    monkeypatch.setattr(layers._NarrowConv2d, "apply", lambda *a: calls.append(a) or F.conv2d(a[0], a[1], a[2], 1, a[3]))
+    monkeypatch.setattr(conv.NarrowConv2d, "apply", lambda *a: calls.append(a) or F.conv2d(a[0], a[1], a[2], 1, a[3]))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 4, 3, padding=1))
     x = torch.randn(4, 3, 8, 8)

@@ -1,4 +1,4 @@
-"""s2h.oneshot against independent eager references: loss, importance, exact pruning, fixed masks."""
+"""s2h.unstructured (teacher-guided one-shot pruning) against independent eager references: loss, importance, exact pruning, fixed masks."""
 import copy
 import json
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from s2h import oneshot
+from s2h import unstructured as oneshot
 from s2h.models import SmallCNN, build_model
 
 
@@ -296,7 +296,7 @@ def test_teacher_student_class_mismatch():
 
 def test_labels_outside_classes():
     with pytest.raises(ValueError, match="outputs"):
-        oneshot.train(tiny_model(5), tiny_loader(classes=10, seed=3), epochs=1)
+        oneshot.train_cross_entropy(tiny_model(5), tiny_loader(classes=10, seed=3), epochs=1)
 
 
 def test_empty_loader():

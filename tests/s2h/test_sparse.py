@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from s2h.sparse import AutoSparse, FastMaxPool2d, SparseConv2d, SparseLinear, clear_calibration_cache, sparsify
+from s2h.sparse import AutoSparse, FastMaxPool2d, SparseConv2d, SparseLinear, sparsify
 
 
 def prune_(module: nn.Module, sparsity: float) -> None:
@@ -114,7 +114,6 @@ def test_resnet18_90_matches_masked_dense():
 
 
 def test_sparsify_calibrates_and_logs(caplog):
-    clear_calibration_cache()
     model = pruned_resnet18(0.9)
     with torch.no_grad():          # a dense first conv: below min_sparsity, stays dense untimed
         model.conv1.weight.normal_()
@@ -136,7 +135,6 @@ def test_sparsify_calibrates_and_logs(caplog):
 
 
 def test_sparsify_without_example_inputs_defers_conv_decisions():
-    clear_calibration_cache()
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
     prune_(model, 0.9)
     report = []

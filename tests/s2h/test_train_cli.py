@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import s2h
-from s2h import cli, train
+from s2h import cli
+from s2h.cli import prune as prune_cli
+from s2h.models import build_model
 
 QUICK = ["--model", "resnet8", "--data", "digits", "--max-train-samples", "128", "--max-test-samples", "64",
          "--batch-size", "32", "--no-progress", "--threads", "1", "--device", "cpu"]
@@ -46,9 +48,9 @@ def test_prune_digits_end_to_end(tmp_path, capsys):
     for name in ("trajectory.png", "architecture.png"):
         assert (out / name).stat().st_size > 5000
     # the exported model reloads from the architecture and the saved widths, and is the hard network
-    pruned = s2h.load(out / "pruned.pt", lambda: train.build_model("resnet8", 10, 1, 32))
+    pruned = s2h.load(out / "pruned.pt", lambda: build_model("resnet8", 10, 1, 32))
     assert sum(p.numel() for p in pruned.parameters()) == s["params_pruned"]
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 2 and len(ck["history"]) == 2
 
 
@@ -99,13 +101,13 @@ class _NaNAfter(torch.utils.data.Dataset):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
-    load = train._load_datasets
+    load = prune_cli.load_datasets
 
     def patched(cfg, rank):
         tr, te, *rest = load(cfg, rank)
         return (_NaNAfter(tr, after=5 * 32), te, *rest)  # batches 1-5 fine, batch 6 (epoch 2) NaN
 
-    monkeypatch.setattr(train, "_load_datasets", patched)
+    monkeypatch.setattr(prune_cli, "load_datasets", patched)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as ei:
         cli.main(["prune", *QUICK, "--epochs", "3", "--out", str(out)])
@@ -113,7 +115,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "non-finite loss at step 5 (epoch 2, batch 2/4)" in err
     assert "last good checkpoint" in err and "after epoch 1" in err
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     assert [h["epoch"] for h in _log(out)] == [1]
@@ -143,7 +145,7 @@ def test_target_flops_outside_unit_interval(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert "--target-flops" in err and ("(0, 1]" in err or "not a number" in err)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        train.PruneConfig(target_flops=float(value) if value != "abc" else 0.0).validate()
+        prune_cli.PruneConfig(target_flops=float(value) if value != "abc" else 0.0).validate()
 
 
 def test_resume_errors(tmp_path, capsys):
@@ -157,23 +159,23 @@ def test_resume_errors(tmp_path, capsys):
 
 def test_presets_and_overrides():
     p = argparse.ArgumentParser()
-    train.add_arguments(p)
-    cfg = train.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-resnet50"]))
+    prune_cli.add_arguments(p)
+    cfg = prune_cli.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-resnet50"]))
     assert (cfg.data, cfg.model, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.scheduler) == \
         ("cifar100", "resnet50", 500, 64, 0.05, 3e-4, "cosine")
-    cfg = train.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-wrn28-10", "--lr", "0.2"]))
+    cfg = prune_cli.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-wrn28-10", "--lr", "0.2"]))
     assert (cfg.model, cfg.batch_size, cfg.lr, cfg.weight_decay) == ("wrn28_10", 128, 0.2, 5e-4)
-    cfg = train.config_from_args(p.parse_args(["--out", "x", "--preset", "tiny-imagenet-wrn28-10"]))
+    cfg = prune_cli.config_from_args(p.parse_args(["--out", "x", "--preset", "tiny-imagenet-wrn28-10"]))
     assert cfg.scheduler == "step" and tuple(cfg.milestones) == (100, 150) and cfg.lr == 0.2
-    cfg = train.config_from_args(p.parse_args(["--out", "x"]))
+    cfg = prune_cli.config_from_args(p.parse_args(["--out", "x"]))
     assert (cfg.model, cfg.data, cfg.ce_coef, cfg.gap_coef, cfg.balance) == ("resnet56", "digits", 0.5, 5.0, "paper")
 
 
 def test_lr_schedule():
-    s = train._LRSchedule("cosine", 100, 10, 10, (), 0.1)
+    s = prune_cli.LRSchedule("cosine", 100, 10, 10, (), 0.1)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0)
     assert s(55) == pytest.approx(0.5) and s(100) == pytest.approx(0.0, abs=1e-12)
-    st = train._LRSchedule("step", 100, 10, 0, (3, 6), 0.1)
+    st = prune_cli.LRSchedule("step", 100, 10, 0, (3, 6), 0.1)
     assert (st(29), st(30), st(60)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
 
 

@@ -30,8 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import s2h
 from s2h.models import resnet56
 from s2h_kernels import channel_masks
-from s2h.reference import S2HReference
-from s2h.trainer import TABLE5, NonFiniteLossError, S2HPruner, resolve_terms
+from s2h.structured.reference import S2HReference
+from s2h.structured.step import TABLE5, NonFiniteLossError, S2HPruner, resolve_terms
 
 ROWS = [pytest.param(r, id=f"row{r['row']}") for r in TABLE5]
 
@@ -371,7 +371,7 @@ def test_step_returns_stats():
     assert list(out["keep"]) == [g.name for g in m.groups]
     with torch.no_grad():
         keep = torch.tensor(list(out["keep"].values()))
-    assert out["hard_flops"] == pytest.approx(float(m._flops(keep.float())) / m.dense_flops(), rel=1e-6)
+    assert out["hard_flops"] == pytest.approx(float(m.flops(keep.float())) / m.dense_flops(), rel=1e-6)
 
 
 def test_default_mask_optimizer_and_coefficients():

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 import s2h
-from s2h import transformers as tr
+from s2h.structured import attention as tr
 from s2h.models import vit
 from s2h_reference import macs, random_u
 
@@ -183,7 +183,7 @@ def scaled_by_soft_mask(net, model, w):
 
 def soft_masks(model):
     w, _, _ = model.update_masks()
-    offs = model._mask_state.channel_offsets
+    offs = model.mask_state.channel_offsets
     return {g.name: w[offs[i]:offs[i] + g.channels].detach() for i, g in enumerate(model.groups)}
 
 
@@ -302,7 +302,7 @@ def test_export_plain_modules_equal_hard_branch(case):
     keep = model.keep_counts()
     exported = model.export().eval()
     types = {type(m) for m in exported.modules()}
-    assert not types & (set(s2h.layers.S2H_LAYER_TYPES) | set(tr.S2H_ATTENTION_TYPES))
+    assert not types & (set(s2h.structured.S2H_LAYER_TYPES) | set(tr.S2H_ATTENTION_TYPES))
     for g in model.groups:
         mod = exported.get_submodule(g.name)
         if isinstance(mod, vit.WindowAttention):
@@ -485,8 +485,8 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("name", ["vit", "swin", "tv_vit"])
 def test_fused_step_matches_reference(name):
     """5 steps of S2HPruner.step vs S2HReference (AdamW, θ coefficients 1 and 1, Appendix A4): rtol 1e-4."""
-    from s2h.reference import S2HReference
-    from s2h.trainer import S2HPruner
+    from s2h.structured.reference import S2HReference
+    from s2h.structured.step import S2HPruner
 
     torch.manual_seed(0)
     net = FACTORIES[name](qkv_bias=False) if name == "vit" else FACTORIES[name]()
@@ -519,7 +519,7 @@ def test_fused_step_matches_reference(name):
 
 def test_prune_steps_reduce_flops_and_export():
     """A short S2H run on a tiny ViT drives the soft FLOPs toward the target; the export runs."""
-    from s2h.trainer import S2HPruner
+    from s2h.structured.step import S2HPruner
 
     torch.manual_seed(0)
     model = s2h.convert(tiny_vit(), inputs_for("vit", 1), target_flops=0.4).train()
@@ -567,7 +567,7 @@ def test_digits_upscaled_train_a_tiny_vit():
     """The digits data upscaled to 32x32 (1 channel) through build_model('vit_cifar', ...), S2H steps, export."""
     from s2h.data import get_dataset
     from s2h.models import build_model
-    from s2h.trainer import S2HPruner
+    from s2h.structured.step import S2HPruner
 
     ds = get_dataset("digits", image_size=32)
     x = torch.stack([ds[i][0] for i in range(8)])
@@ -586,7 +586,7 @@ def test_digits_upscaled_train_a_tiny_vit():
         close(model.eval().export().eval()(x), model(x))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("s2h.train") is None, reason="the prune command (s2h/train.py) is absent")
+@pytest.mark.skipif(importlib.util.find_spec("s2h.cli.prune") is None, reason="the prune command (s2h/cli/prune.py) is absent")
 @pytest.mark.parametrize("args,coef", [
     (["--preset", "cifar100-vit", "--data", "digits"], "preset"),  # the paper's ViT settings on the digits
     (["--model", "swin_cifar", "--data", "digits"], "default"),    # no preset: Transformers default to 1 and 1

@@ -1,0 +1,283 @@
+"""Dependency groups (Torch-Pruning's ``DependencyGraph``) and the importance reorder.
+
+A group is a set of channel dimensions that must be pruned together: the output channels of
+every conv/linear feeding one residual sum, the norms on them, the input channels of every
+consumer. Torch-Pruning traces the model and returns, for each member, the indices the group's
+channels occupy in it, with the root index each one comes from. S2H turns that into
+:class:`~s2h.structured.masks.Segment` s: group ``g`` occupies ``[start, start + C*repeat)`` of a dimension,
+channel ``j`` at ``start + j*repeat`` — an offset behind a concat, ``repeat > 1`` behind a flatten.
+Any other mapping (channel shuffle, split, slice) is refused with a clear error.
+
+Before training, :func:`reorder_channels` permutes each group's channels by the L1 norm of its
+producers' filters, descending, through every member — the function is unchanged, and the hard
+branch's prefix keeps the most important channels.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLayerNorm, S2HLinear
+from .masks import Segment
+
+__all__ = ["GroupInfo", "Member", "find_groups", "reorder_channels", "trace_errors"]
+
+
+@dataclass
+class Member:
+    """One channel dimension of one module in a group.
+
+    ``kind``: "out" (conv/linear output channels), "in" (conv/linear input channels),
+    "norm" (a BatchNorm/LayerNorm's channels), "depthwise" (a depthwise conv: input = output).
+    ``segment`` says where the group's channels sit in this dimension.
+    """
+
+    module: str
+    kind: str
+    segment: Segment
+
+
+@dataclass
+class GroupInfo:
+    """A dependency group: ``channels`` channels in ``channels // divisor`` buckets."""
+
+    name: str
+    channels: int
+    divisor: int
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def buckets(self) -> int:
+        return self.channels // self.divisor
+
+    @property
+    def has_norm(self) -> bool:
+        return any(m.kind == "norm" for m in self.members)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "channels": self.channels, "divisor": self.divisor,
+                "buckets": self.buckets,
+                "members": [(m.module, m.kind) for m in self.members]}
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("s2h.convert needs Torch-Pruning: pip install torch-pruning") from e
+    return tp
+
+
+@contextlib.contextmanager
+def trace_errors(model: nn.Module, what: str):
+    """Re-raise an exception from a forward as an error naming the module that was running."""
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def pre(mod, _inp):
+        stack.append(names.get(mod, type(mod).__name__))
+
+    def post(mod, _inp, _out):
+        if stack:
+            stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    try:
+        yield
+    except Exception as e:
+        where = f"module '{stack[-1] or '<root>'}' ({type(model.get_submodule(stack[-1])).__name__})" if stack else "the model"
+        raise RuntimeError(f"s2h.convert: {what} failed in {where}: {type(e).__name__}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _unsupported(name: str, module: Any, root: str, reason: str) -> ValueError:
+    return ValueError(
+        f"s2h.convert: module '{name}' ({type(module).__name__}) is in the dependency group rooted at "
+        f"'{root}', and S2H cannot prune it: {reason}. Pass '{root}' in ignored_layers to leave that "
+        "group unpruned."
+    )
+
+
+def _segment(name, module, root, channels, idxs, root_idxs) -> Segment:
+    """The Segment for one member, or an error when the mapping is not an offset/repeat block."""
+    pairs = sorted(zip(idxs, root_idxs))
+    n = len(pairs)
+    if n % channels:
+        raise _unsupported(name, module, root, f"its {n} entries do not split evenly over {channels} channels")
+    repeat = n // channels
+    start = pairs[0][0]
+    for pos, (idx, r) in enumerate(pairs):
+        if idx != start + pos or r != pos // repeat:
+            raise _unsupported(
+                name, module, root,
+                "the group's channels do not map to one contiguous block in order "
+                "(a split, slice or shuffle of channels)")
+    return Segment(group=-1, start=start, channels=channels, repeat=repeat)
+
+
+def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
+                divisor: int = 1) -> list[GroupInfo]:
+    """Trace ``model`` with Torch-Pruning and return its prunable dependency groups.
+
+    Groups reaching the model's output (the classifier's output channels) and groups containing
+    an ignored layer's output channels are left out; the network input has no producer, so it is
+    never in a group. The model's train/eval mode and ``requires_grad`` flags are restored.
+    """
+    tp = _tp()
+    names = {m: n for n, m in model.named_modules()}
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad(), trace_errors(model, "tracing with Torch-Pruning"):
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=inputs, forward_fn=lambda m, x: m(*x), verbose=False)
+        raw = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
+                                     root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for p, g in grads.items():
+            p.requires_grad_(g)
+
+    ops = tp.ops
+    fine_ops = (ops._ElementWiseOp, ops._ReshapeOp, ops._ConcatOp)
+    order = {n: i for i, n in enumerate(names.values())}
+    groups: list[GroupInfo] = []
+    for g in raw:
+        root_mod = g[0].dep.target.module
+        root = names.get(root_mod, str(root_mod))
+        channels = len(g[0].idxs)
+        if any(_reaches_output(dg, item.dep, fine_ops) for item in g.items):
+            continue  # the group's channels are (part of) the model's output: never pruned
+        members: dict[tuple[str, str], Member] = {}
+        for item in g.items:
+            dep = item.dep
+            mod = dep.target.module
+            if isinstance(mod, fine_ops):
+                continue
+            if isinstance(mod, (ops._SplitOp, ops._SliceOp, ops._UnbindOp, ops._ExpandOp)):
+                raise ValueError(
+                    f"s2h.convert: the dependency group rooted at '{root}' passes through a "
+                    f"{type(mod).__name__.strip('_').replace('Op', '').lower()} of the channel dimension "
+                    "(torch.split/chunk/unbind/slicing/expand), which a prefix of channels cannot follow. "
+                    f"Pass '{root}' in ignored_layers to leave that group unpruned.")
+            name = names.get(mod, None)
+            if isinstance(mod, nn.Parameter) or name is None:
+                raise _unsupported(dg._param_to_name.get(mod, str(type(mod).__name__)), mod, root,
+                                   "a bare nn.Parameter (or an unknown op) holds the group's channels")
+            kind = _member_kind(name, mod, root, dg.is_out_channel_pruning_fn(dep.handler))
+            seg = _segment(name, mod, root, channels, item.idxs, item.root_idxs)
+            key = (name, kind)
+            if key in members:
+                continue
+            members[key] = Member(module=name, kind=kind, segment=seg)
+        d = _group_divisor(channels, divisor)
+        if channels // d < 2:
+            continue  # a single bucket: nothing to choose
+        mem = sorted(members.values(), key=lambda m: order[m.module])
+        # named after its first producer in module order (the stem conv, a block's first conv, ...)
+        gname = next(m.module for m in mem if m.kind in ("out", "depthwise"))
+        groups.append(GroupInfo(name=gname, channels=channels, divisor=d, members=mem))
+    groups.sort(key=lambda g: order[g.name])
+    for gi, g in enumerate(groups):
+        for m in g.members:
+            m.segment = dataclasses.replace(m.segment, group=gi)
+    return groups
+
+
+def _member_kind(name: str, mod: nn.Module, root: str, is_out: bool) -> str:
+    """"out", "in", "depthwise" or "norm"; an error naming the module for a layer S2H cannot prune."""
+    t = type(mod)  # exact types: a subclass may compute something else in its forward
+    if t in (nn.Conv2d, S2HConv2d):
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        if mod.groups > 1 and not depthwise:
+            raise _unsupported(name, mod, root, f"grouped convolution (groups={mod.groups}) that is not depthwise")
+        return "depthwise" if depthwise else ("out" if is_out else "in")
+    if t in (nn.Linear, S2HLinear):
+        return "out" if is_out else "in"
+    if t in (nn.BatchNorm1d, nn.BatchNorm2d, S2HBatchNorm1d, S2HBatchNorm2d):
+        return "norm"
+    if t in (nn.LayerNorm, S2HLayerNorm):
+        if len(mod.normalized_shape) != 1:
+            raise _unsupported(name, mod, root, "LayerNorm over more than one dimension")
+        return "norm"
+    raise _unsupported(name, mod, root, "no S2H replacement exists for this layer type")
+
+
+def _reaches_output(dg, dep, fine_ops) -> bool:
+    ops = _tp().ops
+    mod, node = dep.target.module, dep.target
+    if isinstance(mod, ops._OutputOp):
+        return True
+    carries_group = isinstance(mod, fine_ops) or dg.is_out_channel_pruning_fn(dep.handler)
+    return not node.outputs and carries_group
+
+
+def _group_divisor(channels: int, divisor: int) -> int:
+    """The bucket size for a group: ``divisor`` when it divides the channels, else their gcd."""
+    return math.gcd(int(channels), int(divisor))
+
+
+# --------------------------------------------------------------------------------------------
+# Importance reorder
+# --------------------------------------------------------------------------------------------
+
+_PARAMS_BY_KIND = {
+    # (attribute, axis) pairs permuted for each member kind
+    "out": (("weight", 0), ("bias", 0)),
+    "depthwise": (("weight", 0), ("bias", 0)),
+    "in": (("weight", 1),),
+    "norm": (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)),
+}
+
+
+def group_importance(model: nn.Module, group: GroupInfo) -> torch.Tensor:
+    """L1 norm of each channel's filters, summed over the group's producers (root order)."""
+    imp = torch.zeros(group.channels, dtype=torch.float64)
+    for m in group.members:
+        if m.kind not in ("out", "depthwise"):
+            continue
+        w = model.get_submodule(m.module).weight.detach()
+        s = m.segment
+        block = w.narrow(0, s.start, s.channels * s.repeat).reshape(s.channels, -1)
+        imp += block.abs().sum(1).double().cpu()
+    return imp
+
+
+@torch.no_grad()
+def reorder_channels(model: nn.Module, groups: Sequence[GroupInfo]) -> list[torch.Tensor]:
+    """Permute every group's channels by importance, descending, in every member. Returns the perms.
+
+    Channel ``j`` of the group after the call is channel ``perm[j]`` before it. The function
+    computed by the model is unchanged.
+    """
+    perms = []
+    for g in groups:
+        imp = group_importance(model, g)
+        perm = torch.sort(imp, descending=True, stable=True).indices
+        perms.append(perm)
+        for m in g.members:
+            mod = model.get_submodule(m.module)
+            s = m.segment
+            for attr, axis in _PARAMS_BY_KIND[m.kind]:
+                t = getattr(mod, attr, None)
+                if t is None:
+                    continue
+                size = t.shape[axis]
+                src = torch.arange(size)
+                block = torch.arange(s.channels * s.repeat).view(s.channels, s.repeat)
+                src[s.start : s.stop] = (s.start + block[perm]).reshape(-1)
+                t.data = t.data.index_select(axis, src.to(t.device))
+    return perms
