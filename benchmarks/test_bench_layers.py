@@ -122,14 +122,15 @@ def test_hard_step_sliced(benchmark, name, device):
     benchmark.group = f"{name} train step fwd+bwd, hard at {ratio:.1%} FLOPs, batch {x.shape[0]}, {device}"
 
     def step():
-        with s2h.branch("hard"):
+        with m.branch("hard"):
             return train_step(m, x, y)
 
     loss = benchmark(step)
     # same batch, fresh copies: masked full width and the sliced hard branch compute the same loss
     ref = train_step(plain_masked(copy.deepcopy(model).train()).to(device), x, y)
-    with s2h.branch("hard"):
-        got = train_step(copy.deepcopy(model).train().to(device), x, y)
+    hard = copy.deepcopy(model).train().to(device)
+    with hard.branch("hard"):
+        got = train_step(hard, x, y)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(loss)
 
@@ -167,9 +168,9 @@ def test_pair_linear_eager_two_calls(benchmark, linear_layer, device):
 
     def two_calls():  # the layer's soft branch, then its hard branch
         with torch.no_grad():
-            with s2h.branch("soft"):
+            with model.branch("soft"):
                 ys = layer(xs)
-            with s2h.branch("hard"):
+            with model.branch("hard"):
                 yh = layer(xh)
         return ys, yh
 
@@ -192,9 +193,9 @@ def test_pair_linear_forward_pair(benchmark, linear_layer, device):
 
     ys, yh = benchmark(pair)
     with torch.no_grad():
-        with s2h.branch("soft"):
+        with model.branch("soft"):
             rs = layer(xs)
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             rh = layer(xh)
     torch.testing.assert_close(ys, rs, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(yh, rh, rtol=1e-4, atol=1e-4)
@@ -209,9 +210,9 @@ def test_pair_model_eager_two_calls(benchmark, resnet56_15, device):
 
     def two_calls():
         with torch.no_grad():
-            with s2h.branch("soft"):
+            with m.branch("soft"):
                 ys = m(x)
-            with s2h.branch("hard"):
+            with m.branch("hard"):
                 yh = m(x)
         return ys, yh
 
@@ -233,9 +234,9 @@ def test_pair_model_forward_pair(benchmark, resnet56_15, device):
     ys, yh = benchmark(pair)
     assert m.pair_mode == "graph"
     with torch.no_grad():
-        with s2h.branch("soft"):
+        with m.branch("soft"):
             torch.testing.assert_close(ys, m(x), rtol=1e-4, atol=1e-4)
-        with s2h.branch("hard"):
+        with m.branch("hard"):
             torch.testing.assert_close(yh, m(x), rtol=1e-4, atol=1e-4)
 
 
@@ -282,6 +283,7 @@ def test_infer_exported(benchmark, name, device):
     benchmark.group = f"inference {name} batch {x.shape[0]}, exported at {ratio:.1%} FLOPs, {device}"
     with torch.no_grad():
         y = benchmark(exported, x)
-        with s2h.branch("hard"):
-            ref = copy.deepcopy(model).to(device)(x)
+        ref_model = copy.deepcopy(model).to(device)
+        with ref_model.branch("hard"):
+            ref = ref_model(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))

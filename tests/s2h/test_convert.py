@@ -61,7 +61,7 @@ def test_reorder_preserves_function(case):
     name, original, model, x = case
     with torch.no_grad():
         ref = original(x)
-        with s2h.branch("dense"):
+        with model.branch("dense"):
             out = model(x)
     assert_close_scaled(out, ref, rel=1e-4, atol=1e-4)
 
@@ -85,7 +85,7 @@ def test_hard_branch_matches_torch_pruning(case):
     pruned = tp_prune(plain_copy(model, stats="hard").eval(), x[:1], keep, channels)
     with torch.no_grad():
         ref = pruned(x)
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             out = model(x)
     assert_close_scaled(out, ref, rel=1e-4, atol=1e-4)
     assert model.hard_flops() == pytest.approx(macs(pruned, x[:1]), rel=1e-2)
@@ -105,7 +105,7 @@ def test_export_equals_hard_branch(case):
     assert n_params(exported) < n_params(original)
     with torch.no_grad():
         ye = exported(x)
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             yh = model(x)
     torch.testing.assert_close(ye, yh, rtol=0, atol=1e-5 * max(1.0, float(yh.abs().max())))
     assert macs(exported, x[:1]) == pytest.approx(model.hard_flops(), rel=1e-2)
@@ -116,9 +116,9 @@ def test_paired_forward_equals_separate_calls(case):
     name, original, model, x = case
     with torch.no_grad():
         ys, yh = model.forward_pair(x)
-        with s2h.branch("soft"):
+        with model.branch("soft"):
             rs = model(x)
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             rh = model(x)
     assert model.pair_mode == "graph"
     assert_close_scaled(ys, rs)
@@ -147,7 +147,7 @@ def test_soft_branch_trains(case):
         pytest.skip("covered by the smaller models; a train step of this one costs seconds")
     m = copy.deepcopy(model).train()
     m.update_masks()
-    with s2h.branch("soft"):
+    with m.branch("soft"):
         y = m(x)
     y.square().mean().backward()
     assert m.u.grad is not None and m.u.grad.abs().sum() > 0

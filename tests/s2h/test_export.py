@@ -47,7 +47,7 @@ def test_export_after_training_equals_hard_branch():
     k = model.keep_counts()[model.groups[0].name]
     torch.testing.assert_close(exported.bn1.running_mean, bn.running_mean_hard[:k])
     x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-5)
     assert macs(exported, x[:1]) == pytest.approx(model.hard_flops(), rel=1e-6)
     assert exported.s2h_widths == model.keep_counts()
@@ -96,7 +96,7 @@ def test_save_load_s2h_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for br in ("soft", "hard", "dense"):
-            with s2h.branch(br):
+            with loaded.branch(br):
                 torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 

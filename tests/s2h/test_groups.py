@@ -26,7 +26,7 @@ def test_concat_consumer_takes_offset_ranges():
     assert [(s.start, s.channels) for s in c_in.segments] == [(0, 6), (6, 5)]  # b's prefix starts at 6
     assert model.model.fc.in_spec.segments[0].repeat == 16  # each channel is 4x4 features
     pruned = tp_prune(plain_copy(model, "hard").eval(), x[:1], keep, {g.name: g.channels for g in model.groups})
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         yh = model(x)
         torch.testing.assert_close(yh, pruned(x), rtol=1e-5, atol=1e-5)
         ys, yh2 = model.forward_pair(x)
@@ -51,9 +51,9 @@ def test_concat_binary_soft_equals_hard_in_training():
         for gi, j in enumerate([3, 2, 4]):
             model.u[offs[gi] + j - 1] = 40.0
     assert list(model.keep_counts().values()) == [3, 2, 4]
-    with s2h.branch("soft"):
+    with model.branch("soft"):
         ys = model(x)
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         yh = model(x)
     torch.testing.assert_close(ys, yh, rtol=1e-4, atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_input_and_output_stay_unpruned():
     with torch.no_grad():
         model.u.fill_(0.0)
         model.u[0] = 30.0  # conv1 keeps one channel
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         y = model(x)
     assert y.shape == (2, 4)
     assert model.keep_counts()["conv1"] == 1
@@ -122,7 +122,7 @@ def test_reorder_sorts_by_l1_importance():
         assert torch.all(l1[:-1] >= l1[1:])
         ref = torch.sort(getattr(net, name).weight.detach().abs().sum((1, 2, 3)), descending=True).values
         torch.testing.assert_close(l1, ref)
-    with torch.no_grad(), s2h.branch("dense"):
+    with torch.no_grad(), model.branch("dense"):
         torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
     unordered = s2h.convert(net, x[:1], reorder=False)
     torch.testing.assert_close(unordered.model.conv1.weight, net.conv1.weight)
@@ -274,7 +274,7 @@ def test_unsupported_group_can_be_ignored():
     x = torch.randn(1, 3, 8, 8)
     model = s2h.convert(WithGroupNorm(), x, ignored_layers=["conv1"])
     assert model.groups == []
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         assert model(x).shape == (1, 4, 4, 4)
 
 

@@ -65,7 +65,7 @@ def test_layers_are_drop_ins():
     sbn.load_state_dict(bn.state_dict(), strict=False)
     x, v = torch.randn(2, 4, 9, 9), torch.randn(5, 7)
     for br in ("soft", "hard", "dense"):  # an unconverted layer is its nn counterpart in every branch
-        with s2h.branch(br):
+        with pytest.warns(DeprecationWarning, match="without a model"), s2h.branch(br):
             torch.testing.assert_close(sconv(x), conv(x))
             torch.testing.assert_close(slin(v), lin(v))
             torch.testing.assert_close(sbn(conv(x)), bn(conv(x)))
@@ -73,20 +73,74 @@ def test_layers_are_drop_ins():
 
 
 def test_branch_context():
-    assert s2h.current_branch() is None
-    with s2h.branch("hard"):
-        assert s2h.current_branch() == "hard"
-        with s2h.branch("soft"):
-            assert s2h.current_branch() == "soft"
-        assert s2h.current_branch() == "hard"
-    assert s2h.current_branch() is None
+    _, model, x = make()
+    _, other, _ = make(seed=1)
+    assert model.current_branch() is None and s2h.current_branch(model) is None
+    with model.branch("hard"):
+        assert model.current_branch() == "hard"
+        assert other.current_branch() is None  # the branch is the model's own
+        with s2h.branch(model, "soft"):
+            assert s2h.current_branch(model) == "soft"
+            assert all(m.active_branch() == "soft" for m in model.modules() if isinstance(m, s2h.structured.S2H_LAYER_TYPES))
+        assert model.current_branch() == "hard"
+    assert model.current_branch() is None
     with pytest.raises(ValueError, match="unknown branch 'medium'"):
-        with s2h.branch("medium"):
+        with model.branch("medium"):
             pass
     with pytest.raises(RuntimeError):
-        with s2h.branch("dense"):
+        with model.branch("dense"):
             raise RuntimeError("boom")
+    assert model.current_branch() is None
+    # the deprecated model-less form: context-local, and a model's own branch wins over it
+    with pytest.warns(DeprecationWarning, match="without a model"), s2h.branch("hard"):
+        assert s2h.current_branch() == "hard" and model.current_branch() == "hard"
+        with model.branch("dense"):
+            assert model.current_branch() == "dense"
     assert s2h.current_branch() is None
+
+
+def test_two_models_in_two_threads_run_their_own_branches():
+    """A teacher-student pair or two experiments in a thread pool: each model computes its own branch
+    while the other is inside a different branch block. References: Torch-Pruning's pruned copy of
+    the first network (its hard network), and the unconverted second network (its dense branch)."""
+    import threading
+
+    net_a, model_a, x = make(seed=0)
+    net_b, model_b, _ = make(seed=1)
+    model_a.eval(), model_b.eval()
+    random_u(model_a, seed=3)
+    keep = model_a.keep_counts()
+    channels = {g.name: g.channels for g in model_a.groups}
+    assert any(keep[g] < channels[g] for g in keep)  # hard differs from dense
+    pruned_a = tp_prune(plain_copy(model_a, "hard").eval(), x[:1], keep, channels)
+    with torch.no_grad():
+        ref_a, ref_b = pruned_a(x), net_b.eval()(x)
+        with model_a.branch("dense"):
+            assert not torch.allclose(model_a(x), ref_a, atol=1e-3)  # the check can fail
+    inside = threading.Barrier(2)
+    out, errors = {}, []
+
+    def run(name, model, branch):
+        try:
+            with torch.no_grad(), model.branch(branch):
+                inside.wait(timeout=30)  # both models are in their branch blocks now
+                out[name] = [model(x) for _ in range(3)]
+                inside.wait(timeout=30)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=("a", model_a, "hard")),
+               threading.Thread(target=run, args=("b", model_b, "dense"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for y in out["a"]:
+        torch.testing.assert_close(y, ref_a, rtol=1e-5, atol=1e-5)
+    for y in out["b"]:
+        torch.testing.assert_close(y, ref_b, rtol=1e-5, atol=1e-5)
+    assert model_a.current_branch() is None and model_b.current_branch() is None
 
 
 def test_default_branch_is_soft():
@@ -94,11 +148,11 @@ def test_default_branch_is_soft():
     model.eval()
     with torch.no_grad():
         y = model(x)
-        with s2h.branch("soft"):
+        with model.branch("soft"):
             ys = model(x)
         model.default_branch = "hard"
         yh_default = model(x)
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             yh = model(x)
     torch.testing.assert_close(y, ys)
     torch.testing.assert_close(yh_default, yh)
@@ -127,7 +181,7 @@ def test_soft_mask_after_norm_and_on_unnormalised_outputs():
 
     inner = model.model
     hooks = [getattr(inner, n).register_forward_hook(grab(n)) for n in ("c1", "bn1", "fc1")]
-    with torch.no_grad(), s2h.branch("soft"):
+    with torch.no_grad(), model.branch("soft"):
         model(x)
     for h in hooks:
         h.remove()
@@ -149,9 +203,9 @@ def test_binary_soft_mask_equals_hard_branch_in_training():
     model.train()
     keep = peaked_u(model, 0.5)
     assert model.keep_counts() == keep
-    with s2h.branch("soft"):
+    with model.branch("soft"):
         ys = model(x)
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         yh = model(x)
     torch.testing.assert_close(ys, yh, rtol=1e-4, atol=1e-5)
 
@@ -167,7 +221,7 @@ def test_batchnorm_keeps_statistics_per_branch():
     k = model.keep_counts()["c1"]
     assert 0 < k < 10
     before = {n: b.clone() for n, b in bn.named_buffers()}
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         model(x)
     after = dict(bn.named_buffers())
     assert not torch.equal(after["running_mean_hard"][:k], before["running_mean_hard"][:k])
@@ -175,7 +229,7 @@ def test_batchnorm_keeps_statistics_per_branch():
     for n in ("running_mean", "running_var", "running_mean_soft", "running_var_soft"):
         torch.testing.assert_close(after[n], before[n])
     assert int(after["num_batches_tracked_hard"]) == 1 and int(after["num_batches_tracked"]) == 0
-    with s2h.branch("soft"):
+    with model.branch("soft"):
         model(x)
     assert not torch.equal(bn.running_mean_soft, before["running_mean_soft"])
     torch.testing.assert_close(bn.running_mean, before["running_mean"])
@@ -200,15 +254,15 @@ def test_hard_statistics_match_a_pruned_model_trained_alike(arch):
     model.train()
     pruned.train()
     with torch.no_grad():
-        with s2h.branch("soft"):  # soft steps must not disturb the hard statistics
+        with model.branch("soft"):  # soft steps must not disturb the hard statistics
             model(torch.randn_like(x))
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             model(x)
         pruned(x)
     model.eval()
     pruned.eval()
     x2 = torch.randn_like(x)
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         torch.testing.assert_close(model(x2), pruned(x2), rtol=1e-4, atol=1e-5)
 
 
@@ -226,9 +280,9 @@ def test_layer_forward_pair_equals_two_calls(pair_backend):
     v = torch.randn(3, 12, requires_grad=True)
     vh = torch.randn(3, model.keep_counts()["stem"], requires_grad=True)
     ys, yh = fc1.forward_pair(v, vh)
-    with s2h.branch("soft"):
+    with model.branch("soft"):
         rs = fc1(v)
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         rh = fc1(vh)
     torch.testing.assert_close(ys, rs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(yh, rh, rtol=1e-5, atol=1e-5)
@@ -241,10 +295,30 @@ def test_layer_forward_pair_equals_two_calls(pair_backend):
     xs = torch.randn(2, 12, 6, 6)
     xh = torch.randn(2, model.keep_counts()["stem"], 6, 6)
     cs, ch = c1.forward_pair(xs, xh)
-    with s2h.branch("soft"):
+    with model.branch("soft"):
         torch.testing.assert_close(cs, c1(xs))
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         torch.testing.assert_close(ch, c1(xh))
+
+
+def test_pair_backend_and_side_stream_are_per_layer_and_per_model():
+    assert "pair_backend" not in vars(s2h.S2HLinear)  # no class attribute: one layer's setting is its own
+    _, model, _ = make()
+    fc1, fc2 = model.model.fc1, model.model.fc2
+    fc1.pair_backend = "cpu"
+    assert fc2.pair_backend is None and s2h.S2HLinear(3, 2).pair_backend is None
+    _, other, _ = make(seed=1)
+    assert other.mask_state is not model.mask_state
+    assert all(m.mask_state is model.mask_state for m in model.modules() if isinstance(m, s2h.structured.S2H_LAYER_TYPES))
+
+
+@pytest.mark.gpu
+def test_side_streams_belong_to_their_model():
+    _, a, _ = make()
+    _, b, _ = make(seed=1)
+    dev = torch.device("cuda")
+    assert a.side_stream(dev) is a.side_stream(dev)
+    assert a.side_stream(dev) is not b.side_stream(dev)
 
 
 def test_model_forward_pair_trains_like_two_calls():
@@ -254,9 +328,9 @@ def test_model_forward_pair_trains_like_two_calls():
     m2 = copy.deepcopy(m1)
     ys, yh = m1.forward_pair(x)
     (ys.sum() + 2 * yh.sum()).backward()
-    with s2h.branch("soft"):
+    with m2.branch("soft"):
         rs = m2(x)
-    with s2h.branch("hard"):
+    with m2.branch("hard"):
         rh = m2(x)
     (rs.sum() + 2 * rh.sum()).backward()
     torch.testing.assert_close(ys, rs)
@@ -285,7 +359,7 @@ def test_forward_pair_falls_back_for_untraceable_models():
     with pytest.warns(UserWarning, match="torch.fx cannot trace"):
         ys, yh = model.forward_pair(x)
     assert model.pair_mode == "sequential"
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         torch.testing.assert_close(yh, model(x))
 
 
@@ -297,7 +371,7 @@ def test_layer_errors():
         s2h.S2HLinear(4, 3).forward_pair(torch.randn(1, 4), torch.randn(1, 4))
     _, model, x = make()
     model.mask_state.clear()
-    with s2h.branch("soft"), pytest.raises(RuntimeError, match="update_masks"):
+    with model.branch("soft"), pytest.raises(RuntimeError, match="update_masks"):
         model.model(x)  # the inner network, bypassing S2HModel.forward
     with pytest.raises(ValueError, match="only a 1-D normalized_shape"):
         s2h.S2HLayerNorm((3, 4))
@@ -318,9 +392,9 @@ def test_masks_computed_once_per_step(monkeypatch):
     for step in range(2):
         calls.clear()
         model.update_masks()
-        with s2h.branch("soft"):
+        with model.branch("soft"):
             ys = model(x)
-        with s2h.branch("hard"):
+        with model.branch("hard"):
             yh = model(x)
         ps, ph = model.forward_pair(x)
         loss = ys.sum() + yh.sum() + ps.sum() + ph.sum() + model.resource_loss()
@@ -331,7 +405,7 @@ def test_masks_computed_once_per_step(monkeypatch):
         opt.step()
         opt.zero_grad()
     calls.clear()
-    with s2h.branch("hard"):  # u changed in the last step: forward recomputes by itself
+    with model.branch("hard"):  # u changed in the last step: forward recomputes by itself
         model(x)
     assert len(calls) == 1
 
@@ -340,7 +414,7 @@ def test_masks_recomputed_when_grad_needed_after_no_grad():
     _, model, x = make()
     with torch.no_grad():
         model.update_masks()
-    with s2h.branch("soft"):
+    with model.branch("soft"):
         y = model(x)
     y.sum().backward()
     assert model.u.grad is not None and model.u.grad.abs().sum() > 0
@@ -396,6 +470,6 @@ def test_hard_branch_takes_the_narrow_conv_path(monkeypatch):
     net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 4, 3, padding=1))
     x = torch.randn(4, 3, 8, 8)
     model = s2h.convert(net, x[:2], target_flops=0.5)
-    with s2h.branch("hard"):
+    with model.branch("hard"):
         model(x)
     assert calls, "a conv narrower than 16 channels should take the narrow path in the hard branch"

@@ -264,3 +264,24 @@ def test_sparsified_model_compiles_fullgraph():
     with torch.no_grad():
         compiled = torch.compile(sparse, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), sparse(x))
+
+
+def test_calibration_timings_are_cached_per_call_unless_a_cache_is_shared():
+    from s2h.sparse import CalibrationCache
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    prune_(model, 0.9)
+    x = torch.randn(4, 64)
+    cache = CalibrationCache()
+    first, again, fresh = [], [], []
+    sparsify(model, example_inputs=x, reps=1, report=first, cache=cache)
+    assert len(cache) == 2  # the two 64x64 layers share one key; the 10x64 head has its own
+    sparsify(model, example_inputs=x, reps=1, report=again, cache=cache)
+    timings = lambda rep: [(r["dense_ms"], r["sparse_ms"]) for r in rep if "dense_ms" in r]  # noqa: E731
+    assert timings(again) == timings(first)  # read from the shared cache
+    sparsify(model, example_inputs=x, reps=1, report=fresh)  # its own cache: measured anew
+    assert timings(fresh) != timings(first) and len(cache) == 2
+    with pytest.warns(DeprecationWarning, match="does nothing"):
+        from s2h.sparse import clear_calibration_cache
+
+        clear_calibration_cache()

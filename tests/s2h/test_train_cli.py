@@ -63,12 +63,12 @@ def test_resume_is_bit_identical(tmp_path):
     args = [*QUICK, "--epochs", "3", "--mask-lr", "0.05"]
     assert cli.main(["prune", *args, "--out", str(full)]) == 0
     assert cli.main(["prune", *args, "--out", str(part), "--stop-after", "1"]) == 0
-    assert json.loads(json.dumps(torch.load(part / "checkpoint.pt", weights_only=False)["epoch"])) == 1
+    assert json.loads(json.dumps(torch.load(part / "checkpoint.pt", weights_only=True)["epoch"])) == 1
     assert not (part / "summary.json").exists()
     assert cli.main(["prune", *args, "--out", str(part), "--stop-after", "1", "--resume"]) == 0
     assert cli.main(["prune", *args, "--out", str(part), "--resume"]) == 0
-    a = torch.load(full / "checkpoint.pt", weights_only=False)
-    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(part / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -155,6 +155,62 @@ def test_resume_errors(tmp_path, capsys):
     assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--stop-after", "1"]) == 0
     assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--resume", "--lr", "0.3"]) == 1
     assert "different settings for lr" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a tampered checkpoint could hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_tampered_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--epochs", "2", "--out", str(out), "--stop-after", "1"]) == 0
+    ck_path = out / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=True)  # what s2h writes needs no pickled object, RNG states included
+    assert isinstance(ck["rng"]["numpy"]["keys"], torch.Tensor)
+    marker = tmp_path / "code-ran"
+    ck["history"].append(_RunsCode(marker))
+    torch.save(ck, ck_path)
+    assert cli.main(["prune", *QUICK, "--epochs", "2", "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"refusing to load {ck_path}" in err and "without --resume" in err, err
+    assert not marker.exists()
+    assert not (out / "summary.json").exists()
+
+
+def test_load_checkpoint_refuses_pickled_objects_and_reads_plain_ones(tmp_path):
+    import numpy as np
+
+    from s2h.engine.checkpoints import UnsafeCheckpointError, load_checkpoint
+
+    torch.save({"rng": np.random.get_state()}, tmp_path / "old.pt")  # a NumPy array: a pickled object
+    with pytest.raises(UnsafeCheckpointError, match="old.pt"):
+        load_checkpoint(tmp_path / "old.pt")
+    torch.save({"w": torch.ones(2), "n": [1, 2.5, "x", None]}, tmp_path / "plain.pt")
+    got = load_checkpoint(tmp_path / "plain.pt")
+    assert torch.equal(got["w"], torch.ones(2)) and got["n"] == [1, 2.5, "x", None]
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    from s2h.engine.seeding import rng_state, seed_everything, set_rng_state
+
+    seed_everything(5)
+    st = rng_state()
+    a = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    seed_everything(6)
+    set_rng_state(st)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == a
 
 
 def test_presets_and_overrides():

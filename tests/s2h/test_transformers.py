@@ -259,7 +259,7 @@ def test_groups_heads_head_dims_and_mlp_channels(case):
 
 def test_dense_branch_equals_original(case):
     name, net, model, x = case
-    with torch.no_grad(), s2h.branch("dense"):
+    with torch.no_grad(), model.branch("dense"):
         close(model(x), net(x))
 
 
@@ -276,7 +276,7 @@ def test_reorder_preserves_function(name):
             w = orig.in_proj_weight if isinstance(orig, nn.MultiheadAttention) else orig.qkv.weight
             moved += not torch.equal(m.qkv.weight, w)
     assert moved  # the importance order is not the original one
-    with torch.no_grad(), s2h.branch("dense"):
+    with torch.no_grad(), model.branch("dense"):
         close(model(x), net(x), 1e-5)
 
 
@@ -284,7 +284,7 @@ def test_hard_branch_equals_zeroed_original(case):
     name, net, model, x = case
     keep = model.keep_counts()
     assert any(k < g.channels for k, g in zip(keep.values(), model.groups))
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(model(x), zero_pruned(net, model, keep)(x))
 
 
@@ -293,7 +293,7 @@ def test_soft_branch_equals_weight_scaled_original(case):
     with torch.no_grad():
         w = soft_masks(model)
         assert all(float(v.min()) < 1 for v in w.values())
-        with s2h.branch("soft"):
+        with model.branch("soft"):
             close(model(x), scaled_by_soft_mask(net, model, w)(x))
 
 
@@ -312,7 +312,7 @@ def test_export_plain_modules_equal_hard_branch(case):
         else:
             assert isinstance(mod, nn.Linear) and mod.out_features == keep[g.name]
     assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in net.parameters())
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(exported(x), model(x))
     assert macs(exported, x[:1]) == pytest.approx(model.hard_flops(), rel=1e-9)
 
@@ -382,9 +382,9 @@ def test_paired_forward_equals_separate_calls():
         with torch.no_grad():
             ys, yh = model.forward_pair(x)
             assert model.pair_mode == "graph"
-            with s2h.branch("soft"):
+            with model.branch("soft"):
                 close(ys, model(x))
-            with s2h.branch("hard"):
+            with model.branch("hard"):
                 close(yh, model(x))
 
 
@@ -397,7 +397,7 @@ def test_multihead_attention_call_convention():
     attn = model.model.attn
     assert isinstance(attn, tr.S2HMultiheadAttention) and not attn.batch_first
     q = torch.randn(7, 2, 24)
-    with torch.no_grad(), s2h.branch("dense"):
+    with torch.no_grad(), model.branch("dense"):
         out, w = attn(q, q, q)
         ref_out, ref_w = net.attn(q, q, q)
         close(out, ref_out)
@@ -410,7 +410,7 @@ def test_multihead_attention_call_convention():
             attn(q, q, q, attn_mask=torch.zeros(7, 7))
     exported = model.export().eval()
     assert isinstance(exported.attn, tr.MultiheadSelfAttention) and not exported.attn.batch_first
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(exported(x), model(x))
 
 
@@ -428,7 +428,7 @@ def test_ignored_attention_keeps_its_heads():
     exported = model.export().eval()
     assert exported.blocks[0].attn.num_heads == 4
     assert macs(exported, x[:1]) == pytest.approx(model.hard_flops(), rel=1e-9)
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(exported(x), model.eval()(x))
 
 
@@ -473,7 +473,7 @@ def test_save_load_round_trip(tmp_path):
     s2h.save(exported, tmp_path / "e.pt")
     back = s2h.load(tmp_path / "m.pt", tiny_vit).eval()
     back_e = s2h.load(tmp_path / "e.pt", tiny_vit).eval()
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(back(x), model(x), 1e-6)
         close(back_e(x), exported(x), 1e-6)
     assert back_e.blocks[0].attn.num_heads == exported.blocks[0].attn.num_heads
@@ -533,7 +533,7 @@ def test_prune_steps_reduce_flops_and_export():
     assert st["soft_flops"] < first
     exported = model.eval().export().eval()
     x = inputs_for("vit")
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(exported(x), model(x))
 
 
@@ -559,7 +559,7 @@ def test_torchvision_native_size(arch, gmacs):
     assert model.hard_flops() / model.dense_flops() == pytest.approx(0.5, abs=0.05)
     exported = model.export().eval()
     assert macs(exported, x) == pytest.approx(model.hard_flops(), rel=0.01)
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(exported(x), model(x), 1e-4)
 
 
@@ -582,7 +582,7 @@ def test_digits_upscaled_train_a_tiny_vit():
     for _ in range(3):
         st = pruner.step(x, y)
     assert math.isfinite(st["loss"]) and set(st["keep"]) == {g.name for g in model.groups}
-    with torch.no_grad(), s2h.branch("hard"):
+    with torch.no_grad(), model.branch("hard"):
         close(model.eval().export().eval()(x), model(x))
 
 
