@@ -96,7 +96,7 @@ def test_save_load_s2h_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for br in ("soft", "hard", "dense"):
-            with loaded.branch(br):
+            with loaded.branch(br), model.branch(br):
                 torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 

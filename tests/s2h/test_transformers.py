@@ -473,7 +473,7 @@ def test_save_load_round_trip(tmp_path):
     s2h.save(exported, tmp_path / "e.pt")
     back = s2h.load(tmp_path / "m.pt", tiny_vit).eval()
     back_e = s2h.load(tmp_path / "e.pt", tiny_vit).eval()
-    with torch.no_grad(), model.branch("hard"):
+    with torch.no_grad(), model.branch("hard"), back.branch("hard"):
         close(back(x), model(x), 1e-6)
         close(back_e(x), exported(x), 1e-6)
     assert back_e.blocks[0].attn.num_heads == exported.blocks[0].attn.num_heads
