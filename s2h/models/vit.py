@@ -42,7 +42,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Attention math, shared by the plain modules and the S2H modules (s2h/transformers.py)
+# Attention math, shared by the plain modules and the S2H modules (s2h/structured/attention.py)
 # --------------------------------------------------------------------------------------------
 
 
