@@ -58,6 +58,8 @@ def occupancy(regs: int, smem: int, threads: int, arch: int) -> tuple[float, int
         limits["registers"] = (L["regs"] // per_warp) // warps
     limits["shared memory"] = L["smem"] // (max(smem, 0) + L["reserved_smem"])
     blocks = min(limits.values())
+    if blocks * warps >= L["max_warps"]:
+        return 1.0, blocks, "–"
     # the first binding limit in a stable order (blocks/SM before warps: 1-warp programs)
     limiter = next(k for k in ("registers", "shared memory", "blocks/SM", "warps") if limits.get(k) == blocks)
     return blocks * warps / L["max_warps"], blocks, limiter
@@ -80,9 +82,9 @@ def _demangle(names: list[str]) -> dict[str, str]:
         dem = names
     short = {}
     for n, d in zip(names, dem):
-        d = d.split("(")[0] if "(" in d else d
         d = re.sub(r"\(anonymous namespace\)::", "", d).replace("s2h::", "")
-        short[n] = re.sub(r"^void ", "", d)
+        d = re.sub(r"^void ", "", d)
+        short[n] = d.split("(")[0] if "(" in d else d  # drop the parameter list
     return short
 
 
@@ -127,6 +129,15 @@ def cuda_resources(archs=(80, 90), files=None) -> tuple[list[dict], list[str], f
     for r in rows:
         r["kernel"] = names[r["mangled"]]
     return rows, errors, time.perf_counter() - start
+
+
+def _cuda_labels(rows):
+    """group: the kernel without template arguments, marked CUDA C++; config: the template arguments."""
+    for r in rows:
+        base = r["kernel"].split("<")[0]
+        r["group"] = f"{base} (CUDA C++)"
+        r["config"] = r["kernel"][len(base):]
+        r.setdefault("dtype", "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,13 +262,74 @@ def _reason(r) -> str:
     return f"{w} warps per block: {r['blocks']} block(s)"
 
 
+def _range(vals, fmt="{}"):
+    vals = sorted(vals)
+    if not vals:
+        return "–"
+    return fmt.format(vals[0]) if vals[0] == vals[-1] else f"{fmt.format(vals[0])}–{fmt.format(vals[-1])}"
+
+
+def kernel_summary(rows, key, triton: bool) -> list[str]:
+    """One line per kernel: compiles, registers, spills, H100 occupancy (and, for Triton, tensor cores / cp.async)."""
+    head = "| kernel | compiles | registers | spilling compiles | occupancy A100 | occupancy H100 | H100 limited by |"
+    sep = "|---|---|---|---|---|---|---|"
+    if triton:
+        head += " tensor-core instructions | cp.async |"
+        sep += "---|---|"
+    out = [head, sep]
+    groups = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    for name, rs in sorted(groups.items()):
+        ok = [r for r in rs if r.get("regs", -1) >= 0]
+        spill = sum(1 for r in ok if r["spill_stores"] > 0 or r["spill_loads"] > 0)
+        occ = {a: [round(100 * r["occ"]) for r in ok if r["arch"] == a and r["occ"] is not None] for a in (80, 90)}
+        lims = sorted({r["limiter"] for r in ok if r["arch"] == 90 and r["limiter"] not in ("", "–")})
+        line = (f"| `{name}` | {len(rs)} | {_range([r['regs'] for r in ok])} | {spill or ''} | "
+                f"{_range(occ[80], '{}%')} | {_range(occ[90], '{}%')} | {', '.join(lims) or '–'} |")
+        if triton:
+            tc = {}
+            for r in ok:
+                if r.get("mma"):
+                    tc.setdefault(r["mma"], set()).add(r["dtype"] + ("" if "PRECISION=ieee" not in r["config"] else " ieee"))
+            no_tc = sorted({r["dtype"] for r in ok if not r.get("mma")})
+            if tc:
+                desc = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(tc.items()))
+                desc += f"; none (FMA): {', '.join(no_tc)}" if no_tc else ""
+            else:
+                desc = "none"
+            cpa = {r.get("cp_async") for r in ok}
+            line += f" {desc} | {'yes' if cpa == {True} else 'no' if cpa == {False} else 'some configs'} |"
+        out.append(line)
+    return out
+
+
 def findings(triton_rows, cuda_rows) -> list[str]:
-    out = []
+    out = ["Per kernel (every config, dtype and arch compiled; ranges over them):", ""]
+    out += kernel_summary(triton_rows, lambda r: r["kernel"], True)
+    out.append("")
+    if cuda_rows:
+        out += kernel_summary(cuda_rows, lambda r: r["group"], False)
+        out.append("")
+    dots = {r["kernel"] for r in triton_rows if r.get("mma")}
+    for k in sorted(dots):
+        fma = sorted({f"{r['dtype']} [{r['config']}]" for r in triton_rows if r["kernel"] == k and not r.get("mma")})
+        if fma:
+            out.append(f"**`{k}` without tensor cores**: {len(fma)} configs compile to FMA loops, no `mma`/`wgmma` in "
+                       f"the PTX: {', '.join(sorted({f.split(' [')[0] for f in fma}))} (e.g. {fma[0]}). "
+                       "fp32 with `PRECISION=ieee` is what torch's default (`allow_tf32 = False`) selects.")
+            out.append("")
+        if not any(r.get("cp_async") for r in triton_rows if r["kernel"] == k):
+            out.append(f"**`{k}` loads are not software-pipelined**: no `cp.async` in any config's PTX "
+                       "(`num_stages` has no effect).")
+            out.append("")
+    out.append("")
     spills = [r for r in triton_rows + cuda_rows if r.get("spill_stores", 0) > 0 or r.get("spill_loads", 0) > 0]
     if spills:
         out.append("**Spills** (ptxas `-v`; bytes of spill stores / loads per thread):")
         for r in spills:
-            out.append(f"- `{r['kernel']}` {r.get('dtype', '')} sm_{r['arch']} [{r.get('config', '')}]: "
+            label = " ".join(x for x in (f"`{r.get('group', r['kernel'])}`", r.get("dtype", ""), f"sm_{r['arch']}") if x)
+            out.append(f"- {label} [{r.get('config', '')}]: "
                        f"{r['regs']} registers, {r['spill_stores']} B stores / {r['spill_loads']} B loads")
     else:
         out.append("**Spills**: none, in any kernel, config, dtype or arch.")
@@ -268,7 +340,7 @@ def findings(triton_rows, cuda_rows) -> list[str]:
                "grouped by kernel and cause:")
     groups = {}
     for r in low:
-        groups.setdefault((r["kernel"], r["limiter"]), []).append(r)
+        groups.setdefault((r.get("group", r["kernel"]), r["limiter"]), []).append(r)
     for (kernel, lim), rs in sorted(groups.items()):
         occs = sorted({round(100 * r["occ"]) for r in rs})
         cfgs = sorted({(r.get("dtype", ""), r.get("config", "")) for r in rs})
@@ -326,14 +398,15 @@ def render(triton_rows, triton_meta, cuda_rows, cuda_meta, roof) -> str:
     L.append(f"Kernels found by introspection: {', '.join(f'`{k}`' for k in triton_meta['kernels'])}; "
              f"helpers inlined into them: {', '.join(f'`{k}`' for k in triton_meta['helpers'])}. Configs are the "
              "ones the launchers pick at the shapes in `tools/triton_cases.py` (`LAUNCHES`), Triton's own argument "
-             "specialisation included; `shapes` lists the launcher calls that produced a config. The config column "
-             "is the kernel's constexprs, `warps` and `stages`.")
+             "specialisation included. The config column is the kernel's constexprs, `warps` and `stages`; `mma`: "
+             "tensor-core instructions in the PTX; `cp.async`: asynchronous copies (what Triton's software "
+             "pipeliner emits when it pipelines loads).")
     if triton_meta["errors"]:
         L.append("")
         L.append("Errors: " + "; ".join(triton_meta["errors"]))
     L.append("")
-    L.append("| kernel | dtype | config | arch | regs | spill st/ld | stack | smem | threads | blocks/SM | occupancy | limited by |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| kernel | dtype | config | arch | regs | spill st/ld | stack | smem | threads | blocks/SM | occupancy | limited by | mma | cp.async |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(triton_rows, key=lambda r: (r["kernel"], r["dtype"], r["config"], r["arch"])):
         if not r["ok"]:
             L.append(f"| `{r['kernel']}` | {r['dtype']} | {r['config']} | sm_{r['arch']} | COMPILE FAILED: "
@@ -342,7 +415,7 @@ def render(triton_rows, triton_meta, cuda_rows, cuda_meta, roof) -> str:
         occ = f"{100 * r['occ']:.0f}%" if r["occ"] is not None else "?"
         L.append(f"| `{r['kernel']}` | {r['dtype']} | {r['config']} | sm_{r['arch']} | {r['regs']} | "
                  f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {_kb(r['shared'])} | {r['threads']} | "
-                 f"{r['blocks']} | {occ} | {r['limiter']} |")
+                 f"{r['blocks']} | {occ} | {r['limiter']} | {r.get('mma') or '–'} | {'yes' if r.get('cp_async') else 'no'} |")
     L.append("")
     L.append(f"## CUDA C++ kernels ({len(cuda_rows)} kernel x arch, csrc/cuda/*.cu, {cuda_meta['wall']:.0f} s of nvcc)")
     L.append("")
@@ -392,6 +465,8 @@ def main(argv=None) -> int:
     ap.add_argument("--subset", choices=("fast", "full"), default="full")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ compile")
     ap.add_argument("--triton-json", help="reuse the output of `tools/triton_cases.py --subset full --json FILE`")
+    ap.add_argument("--cuda-json", help="reuse the CUDA C++ rows written by --dump-cuda-json")
+    ap.add_argument("--dump-cuda-json", help="write the CUDA C++ rows here")
     a = ap.parse_args(argv)
     start = time.perf_counter()
     if a.triton_json:
@@ -408,10 +483,18 @@ def main(argv=None) -> int:
     print(f"triton: {len(trows)} compiles in {tmeta['wall']:.0f} s, {sum(not r['ok'] for r in trows)} failed", flush=True)
     if a.no_cuda:
         crows, cmeta = [], dict(wall=0, errors=[], skipped="--no-cuda")
+    elif a.cuda_json:
+        with open(a.cuda_json) as f:
+            cmeta = json.load(f)
+        crows = cmeta.pop("rows")
     else:
         crows, cerr, cwall = cuda_resources()
         cmeta = dict(wall=cwall, errors=cerr)
         print(f"cuda: {len(crows)} kernel x arch in {cwall:.0f} s, {len(cerr)} errors", flush=True)
+        if a.dump_cuda_json:
+            with open(a.dump_cuda_json, "w") as f:
+                json.dump(dict(cmeta, rows=crows), f)
+    _cuda_labels(crows)
     annotate(crows, lambda r: r["threads"])
     md = render(trows, tmeta, crows, cmeta, roofline_rows())
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -373,6 +373,8 @@ class Result:
     stack: int = -1
     shared: int = -1
     ptxas_warnings: list = field(default_factory=list)
+    mma: str = ""  # tensor-core instructions in the PTX: "wgmma", "mma" or "" (none: FMA only)
+    cp_async: bool = False  # asynchronous global->shared copies (software pipelining) in the PTX
     grid: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -434,6 +436,9 @@ def compile_launches(launches: list[Launch], archs=ARCHS, progress=None) -> list
                     k = triton.compile(triton.compiler.ASTSource(launch.jit, signature, constexprs, attrs),
                                        target=target, options=options.__dict__)
                 r.shared = int(k.metadata.shared)
+                ptx = k.asm.get("ptx", "")
+                r.mma = "wgmma" if "wgmma." in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "")
+                r.cp_async = "cp.async" in ptx
             except Exception as e:  # noqa: BLE001
                 r.ok = False
                 r.error = f"{type(e).__name__}: {e}"[-4000:]
