@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import s2h_kernels  # noqa: E402
 from s2h_kernels import reference  # noqa: E402
-from test_bench_masks import packed_inputs, step  # noqa: E402
+from test_bench_channel_masks import packed_inputs, step  # noqa: E402
 
 
 def main() -> None:

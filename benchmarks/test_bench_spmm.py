@@ -1,12 +1,14 @@
-"""Sparse x dense matmul (s2h_kernels.spmm) and sparse conv on the CPU, against torch dense
-(torch.mm, F.conv2d) and torch CSR (torch.sparse.mm, MKL) in the same run.
+"""Sparse x dense matmul (s2h_kernels.spmm) on the CPU, against torch dense (torch.mm) and torch CSR
+(torch.sparse.mm, MKL) in the same run.
 
 Shapes: ResNet-18/50 convolutions as GEMMs at batch 1 (M = out channels, K = in*kh*kw,
-N = H_out*W_out) and the classifiers (N = 1), sparsity 50-98%, 1 and 2 threads; plus the direct
-sparse conv against F.conv2d.  Every benchmark also checks its result against the dense one.
+N = H_out*W_out) and the classifiers (N = 1), sparsity 50-98%, 1 and 2 threads.  The direct sparse
+conv has its own file, benchmarks/test_bench_spmm_conv2d.py, with the helpers here.  Every
+benchmark also checks its result against the dense one.
 
-    make bench     (or: pytest benchmarks/test_bench_spmm.py --benchmark-only --benchmark-json=out.json)
-    python benchmarks/test_bench_spmm.py out.json     -> the markdown table of benchmarks/results/spmm_cpu.md
+    make bench     (or: pytest benchmarks/test_bench_spmm.py benchmarks/test_bench_spmm_conv2d.py
+                    --benchmark-only --benchmark-json=out.json)
+    python benchmarks/test_bench_spmm.py out.json     -> the markdown tables of benchmarks/results/spmm_cpu.md
 """
 import functools
 import json
@@ -20,7 +22,6 @@ if __name__ == "__main__":  # table mode: make the repository importable
 
 import pytest  # noqa: E402
 import torch
-import torch.nn.functional as F
 
 import s2h_kernels
 from s2h_kernels import SparseWeight
@@ -34,14 +35,6 @@ GEMMS = {
     "r50.layer4.conv1x1": (2048, 512, 49),
     "r18.fc": (1000, 512, 1),
     "r50.fc": (1000, 2048, 1),
-}
-# name: (C_in, C_out, H, kernel, stride) at batch 1, padding kernel // 2
-CONVS = {
-    "r18.layer1.conv3x3": (64, 64, 56, 3, 1),
-    "r18.layer2.0.conv1.s2": (64, 128, 56, 3, 2),
-    "r18.layer3.conv3x3": (256, 256, 14, 3, 1),
-    "r18.layer4.conv3x3": (512, 512, 7, 3, 1),
-    "r50.layer1.conv1x1": (64, 256, 56, 1, 1),
 }
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 THREADS = [1, 2]
@@ -63,16 +56,6 @@ def gemm_case(name, sparsity):
     w = w * (torch.rand(m, k, generator=g) >= sparsity)
     x = torch.randn(k, n, generator=g)
     return w, SparseWeight.from_dense(w), w.to_sparse_csr(), x, w @ x
-
-
-@functools.lru_cache(maxsize=None)
-def conv_case(name, sparsity):
-    cin, cout, h, k, s = CONVS[name]
-    g = torch.Generator().manual_seed(cin + cout + h)
-    w = torch.randn(cout, cin, k, k, generator=g)
-    w = w * (torch.rand(w.shape, generator=g) >= sparsity)
-    x = torch.randn(1, cin, h, h, generator=g)
-    return w, SparseWeight.from_dense(w.reshape(cout, -1)), x, F.conv2d(x, w, None, s, k // 2)
 
 
 def run(benchmark, fn):
@@ -141,25 +124,6 @@ def test_gemm(benchmark, threads, name, sparsity, method):
         if method == "s2h_spmm" and not benchmark.disabled:
             benchmark.extra_info["paired_vs_dense"] = paired(lambda: torch.mm(w, x), fn, threads)
             benchmark.extra_info["paired_vs_csr"] = paired(lambda: torch.sparse.mm(csr, x), fn, threads)
-    check(out, ref)
-
-
-@pytest.mark.parametrize("method", ["dense_conv2d", "s2h_conv"])
-@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{int(round(s * 100))}")
-@pytest.mark.parametrize("name", list(CONVS))
-def test_conv(benchmark, threads, name, sparsity, method):
-    w, sw, x, ref = conv_case(name, sparsity)
-    cin, cout, h, k, s = CONVS[name]
-    benchmark.group = f"conv {name} ({cin}->{cout}, {h}x{h}, k{k} s{s}) s{int(round(sparsity * 100))} t{threads}"
-    benchmark.extra_info.update(kind="conv", shape=name, sparsity=sparsity, threads=threads, method=method)
-    fn = {
-        "dense_conv2d": lambda: F.conv2d(x, w, None, s, k // 2),
-        "s2h_conv": lambda: s2h_kernels.spmm_conv2d(sw, x, k, None, s, k // 2),
-    }[method]
-    with torch.no_grad():
-        out = run(benchmark, fn)
-        if method == "s2h_conv" and not benchmark.disabled:
-            benchmark.extra_info["paired_vs_dense"] = paired(lambda: F.conv2d(x, w, None, s, k // 2), fn, threads)
     check(out, ref)
 
 

@@ -1,4 +1,4 @@
-// Per-element and per-row math of the fused KL gap (DESIGN §2) and CA-KLD (DESIGN §3), shared by
+// Per-element and per-row math of the fused KL gap (docs/DESIGN.md §2) and CA-KLD (§3), shared by
 // csrc/cpu/kl_gap.cpp and csrc/cuda/kl_gap.cu: the math the GPU runs is the math the CPU tests check.
 //
 // Conventions (A is the accumulation type: float for fp32/fp16/bf16 inputs, double for fp64):

@@ -9,7 +9,7 @@
 #endif
 
 // S2H_HD, and always inlined on the host: vectorised CPU loops need every call in them inlined,
-// and GCC's heuristics give up on these inside the per-ISA (target_clones) functions.
+// and GCC's heuristics give up on these inside the per-ISA (target-attribute) functions.
 #if defined(__CUDACC__)
 #define S2H_HD_INLINE S2H_HD
 #else

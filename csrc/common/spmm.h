@@ -1,4 +1,4 @@
-// Sparse (CSR) x dense matmul: the math shared by the CPU (csrc/cpu/spmm.cpp) and CUDA
+// Sparse (CSR) x dense matmul: the math shared by the CPU (csrc/cpu/spmm_*.cpp) and CUDA
 // (csrc/cuda/spmm.cu) kernels, so the epilogue, the conv geometry and the partition the CUDA
 // kernels use are the ones the CPU tests check.
 //

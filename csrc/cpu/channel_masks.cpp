@@ -16,6 +16,7 @@
 
 #include "common/channel_masks.h"
 #include "common/fast_exp.h"
+#include "cpu/cpu_isa.h"
 
 namespace s2h {
 namespace {
@@ -59,7 +60,8 @@ std::vector<int64_t> channel_starts(const at::Tensor& u, const at::Tensor& offse
 // The per-group passes, written as plain loops the compiler vectorises: `omp simd` reductions
 // and scans (OpenMP 5 inscan), a branch-free exp (common/fast_exp.h), and selects instead of
 // std::max (a branch on random data mispredicts and keeps the loop scalar). The float versions
-// are cloned for AVX-512 and AVX2 and picked at run time; nothing needs -march=native.
+// are compiled for AVX-512 and AVX2 as well and picked at run time (below); nothing needs
+// -march=native.
 template <typename A>
 S2H_HD_INLINE A max_scaled_impl(const A* __restrict u, A inv_tau, int64_t n) {
   A mx = -std::numeric_limits<A>::infinity();
@@ -124,30 +126,67 @@ S2H_HD_INLINE int64_t count_kept_impl(const A* __restrict w, A mean_w, int64_t n
   return above;
 }
 
+// The float passes, compiled once per ISA level (csrc/cpu/cpu_isa.h) and chosen per call by
+// active_isa(); double runs the baseline loops.
+struct FloatPasses {
+  float (*max_scaled)(const float* u, float inv_tau, int64_t n);
+  float (*exp_sum)(const float* u, float inv_tau, float m, float* p, int64_t n);
+  float (*reverse_cumsum)(const float* p, float scale, float* w, int64_t n);
+  float (*cumsum_dot)(float* g, const float* p, int64_t n);
+  int64_t (*count_kept)(const float* w, float mean_w, int64_t n);
+};
+
+#define S2H_DEFINE_PASSES(NS, ATTR)                                                                      \
+  namespace NS {                                                                                        \
+  ATTR float max_scaled(const float* u, float inv_tau, int64_t n) { return max_scaled_impl(u, inv_tau, n); } \
+  ATTR float exp_sum(const float* u, float inv_tau, float m, float* p, int64_t n) {                     \
+    return exp_sum_impl(u, inv_tau, m, p, n);                                                           \
+  }                                                                                                     \
+  ATTR float reverse_cumsum(const float* p, float scale, float* w, int64_t n) {                         \
+    return reverse_cumsum_impl(p, scale, w, n);                                                         \
+  }                                                                                                     \
+  ATTR float cumsum_dot(float* g, const float* p, int64_t n) { return cumsum_dot_impl(g, p, n); }        \
+  ATTR int64_t count_kept(const float* w, float mean_w, int64_t n) { return count_kept_impl(w, mean_w, n); } \
+  constexpr FloatPasses passes{max_scaled, exp_sum, reverse_cumsum, cumsum_dot, count_kept};           \
+  }
+S2H_DEFINE_PASSES(base, )
 #if S2H_X86
-#define S2H_FLOAT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define S2H_FLOAT_CLONES
+S2H_DEFINE_PASSES(avx512, S2H_TARGET_AVX512)
+S2H_DEFINE_PASSES(avx2, S2H_TARGET_AVX2)
 #endif
-S2H_FLOAT_CLONES float max_scaled(const float* u, float inv_tau, int64_t n) { return max_scaled_impl(u, inv_tau, n); }
-S2H_FLOAT_CLONES float exp_sum(const float* u, float inv_tau, float m, float* p, int64_t n) {
-  return exp_sum_impl(u, inv_tau, m, p, n);
+#undef S2H_DEFINE_PASSES
+
+const FloatPasses& float_passes() {
+#if S2H_X86
+  switch (cpu::active_isa()) {
+    case cpu::Isa::avx512: return avx512::passes;
+    case cpu::Isa::avx2: return avx2::passes;
+    case cpu::Isa::scalar: break;
+  }
+#endif
+  return base::passes;
 }
-S2H_FLOAT_CLONES float reverse_cumsum(const float* p, float scale, float* w, int64_t n) {
-  return reverse_cumsum_impl(p, scale, w, n);
-}
-S2H_FLOAT_CLONES float cumsum_dot(float* g, const float* p, int64_t n) { return cumsum_dot_impl(g, p, n); }
-S2H_FLOAT_CLONES int64_t count_kept(const float* w, float mean_w, int64_t n) { return count_kept_impl(w, mean_w, n); }
-double max_scaled(const double* u, double inv_tau, int64_t n) { return max_scaled_impl(u, inv_tau, n); }
-double exp_sum(const double* u, double inv_tau, double m, double* p, int64_t n) {
-  return exp_sum_impl(u, inv_tau, m, p, n);
-}
-double reverse_cumsum(const double* p, double scale, double* w, int64_t n) {
-  return reverse_cumsum_impl(p, scale, w, n);
-}
-double cumsum_dot(double* g, const double* p, int64_t n) { return cumsum_dot_impl(g, p, n); }
-int64_t count_kept(const double* w, double mean_w, int64_t n) { return count_kept_impl(w, mean_w, n); }
-#undef S2H_FLOAT_CLONES
+
+// The passes for an accumulation type: float through the ISA's table, double the baseline loops.
+struct Passes {
+  const FloatPasses& f;
+  float max_scaled(const float* u, float inv_tau, int64_t n) const { return f.max_scaled(u, inv_tau, n); }
+  float exp_sum(const float* u, float inv_tau, float m, float* p, int64_t n) const {
+    return f.exp_sum(u, inv_tau, m, p, n);
+  }
+  float reverse_cumsum(const float* p, float scale, float* w, int64_t n) const { return f.reverse_cumsum(p, scale, w, n); }
+  float cumsum_dot(float* g, const float* p, int64_t n) const { return f.cumsum_dot(g, p, n); }
+  int64_t count_kept(const float* w, float mean_w, int64_t n) const { return f.count_kept(w, mean_w, n); }
+  double max_scaled(const double* u, double inv_tau, int64_t n) const { return max_scaled_impl(u, inv_tau, n); }
+  double exp_sum(const double* u, double inv_tau, double m, double* p, int64_t n) const {
+    return exp_sum_impl(u, inv_tau, m, p, n);
+  }
+  double reverse_cumsum(const double* p, double scale, double* w, int64_t n) const {
+    return reverse_cumsum_impl(p, scale, w, n);
+  }
+  double cumsum_dot(double* g, const double* p, int64_t n) const { return cumsum_dot_impl(g, p, n); }
+  int64_t count_kept(const double* w, double mean_w, int64_t n) const { return count_kept_impl(w, mean_w, n); }
+};
 
 // Per-thread buffers, sized for the largest group seen.
 template <typename A>
@@ -171,26 +210,26 @@ const A* as_acc(const scalar_t* u, int64_t n, std::vector<A>& buf) {
 
 // Unnormalised p = exp(u / tau - max) into sc.p; returns 1 / sum (NaN for a +inf logit).
 template <typename A>
-A group_exp(const A* u, int64_t n, A inv_tau, Scratch<A>& sc) {
-  A mx = max_scaled(u, inv_tau, n);
+A group_exp(const Passes& ps, const A* u, int64_t n, A inv_tau, Scratch<A>& sc) {
+  A mx = ps.max_scaled(u, inv_tau, n);
   if (mx == std::numeric_limits<A>::infinity()) mx = std::numeric_limits<A>::quiet_NaN();  // +inf logit
-  return A(1) / exp_sum(u, inv_tau, mx, sc.p.data(), n);
+  return A(1) / ps.exp_sum(u, inv_tau, mx, sc.p.data(), n);
 }
 
 template <typename scalar_t, typename A>
 void masks_one_group(const scalar_t* u_, int64_t n, int64_t d, A inv_tau, int64_t mode, scalar_t* w,
-                     scalar_t* expected, int64_t* keep, Scratch<A>& sc) {
+                     scalar_t* expected, int64_t* keep, Scratch<A>& sc, const Passes& ps) {
   sc.reserve(n);
   const A* u = as_acc(u_, n, sc.x);
-  const A inv_s = group_exp(u, n, inv_tau, sc);
+  const A inv_s = group_exp(ps, u, n, inv_tau, sc);
   // Bucket keep probabilities straight into the output when it is one fp32/fp64 channel per bucket.
   const bool direct = std::is_same_v<scalar_t, A> && d == 1;
   A* wb = sc.w.data();
   if constexpr (std::is_same_v<scalar_t, A>) {
     if (direct) wb = w;
   }
-  const A sum_w = reverse_cumsum(sc.p.data(), inv_s, wb, n);
-  const int64_t above = count_kept(wb, sum_w / A(n), n);
+  const A sum_w = ps.reverse_cumsum(sc.p.data(), inv_s, wb, n);
+  const int64_t above = ps.count_kept(wb, sum_w / A(n), n);
   if (!direct) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t r = 0; r < d; ++r) w[j * d + r] = scalar_t(wb[j]);
@@ -201,10 +240,10 @@ void masks_one_group(const scalar_t* u_, int64_t n, int64_t d, A inv_tau, int64_
 
 template <typename scalar_t, typename A>
 void masks_backward_one_group(const scalar_t* gw, A ge, const scalar_t* u_, int64_t n, int64_t d, A inv_tau,
-                              scalar_t* gu, Scratch<A>& sc) {
+                              scalar_t* gu, Scratch<A>& sc, const Passes& ps) {
   sc.reserve(n);
   const A* u = as_acc(u_, n, sc.x);
-  const A inv_s = group_exp(u, n, inv_tau, sc);
+  const A inv_s = group_exp(ps, u, n, inv_tau, sc);
   A* gp = sc.w.data();  // bucket gradients, then their cumsum: gp_k = sum_{j<=k} gw_j
   if (d == 1) {
     for (int64_t j = 0; j < n; ++j) gp[j] = bucket_grad(A(gw[j]), ge, 1);
@@ -215,7 +254,7 @@ void masks_backward_one_group(const scalar_t* gw, A ge, const scalar_t* u_, int6
       gp[j] = bucket_grad(channels, ge, d);
     }
   }
-  const A dot = cumsum_dot(gp, sc.p.data(), n) * inv_s;
+  const A dot = ps.cumsum_dot(gp, sc.p.data(), n) * inv_s;
   const A* p = sc.p.data();
   for (int64_t j = 0; j < n; ++j) gu[j] = scalar_t(softmax_input_grad(p[j] * inv_s, gp[j], dot, inv_tau));
 }
@@ -239,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_masks_cpu(const at::Tenso
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t* d = div.data_ptr<int64_t>();
   int64_t* k = keep.data_ptr<int64_t>();
+  const Passes ps{float_passes()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "channel_masks_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* up = u.data_ptr<scalar_t>();
@@ -249,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_masks_cpu(const at::Tenso
       Scratch<acc_t> scratch;
       for (int64_t g = begin; g < end; ++g)
         masks_one_group<scalar_t, acc_t>(up + o[g], o[g + 1] - o[g], d[g], inv_tau, hard_mode, wp + starts[g], ep + g,
-                                         k + g, scratch);
+                                         k + g, scratch, ps);
     });
   });
   return {w, expected, keep};
@@ -268,6 +308,7 @@ at::Tensor channel_masks_backward_cpu(const at::Tensor& grad_w_, const at::Tenso
   at::Tensor gu = at::empty_like(u);
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t* d = div.data_ptr<int64_t>();
+  const Passes ps{float_passes()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "channel_masks_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* up = u.data_ptr<scalar_t>();
@@ -279,7 +320,7 @@ at::Tensor channel_masks_backward_cpu(const at::Tensor& grad_w_, const at::Tenso
       Scratch<acc_t> scratch;
       for (int64_t g = begin; g < end; ++g)
         masks_backward_one_group<scalar_t, acc_t>(gwp + starts[g], acc_t(gep[g]), up + o[g], o[g + 1] - o[g], d[g],
-                                                  inv_tau, gup + o[g], scratch);
+                                                  inv_tau, gup + o[g], scratch, ps);
     });
   });
   return gu;

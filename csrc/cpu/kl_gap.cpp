@@ -1,4 +1,4 @@
-// CPU kernels of s2h::kl_gap and s2h::ca_kld (math in csrc/common/kl_gap.h, DESIGN §2 and §3).
+// CPU kernels of s2h::kl_gap and s2h::ca_kld (math in csrc/common/kl_gap.h, docs/DESIGN.md §2 and §3).
 //
 // OpenMP over rows (at::parallel_for, which runs on torch's OpenMP pool); vectorised loops within.
 // * kl_gap: a chunked online softmax (kChunk classes at a time, running maximum and rescaled sums);
@@ -10,9 +10,9 @@
 // thread).
 //
 // No -march=native: on x86-64 the row loops are compiled three times, for AVX-512, AVX2+FMA and
-// the baseline, through per-function target attributes, and chosen at run time with
-// __builtin_cpu_supports (other CPUs: the baseline loops only). S2H_CPU_ISA=avx512|avx2|default
-// forces a lower one (tests use it).
+// the baseline, through per-function target attributes, and chosen at run time by the CPU-ISA
+// layer (csrc/cpu/cpu_isa.h; S2H_CPU_ISA=avx2|scalar forces a lower one). Other CPUs: the
+// baseline loops only.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,8 +20,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -34,6 +32,7 @@
 
 #include "common/kl_gap.h"
 #include "common/kl_gap_checks.h"
+#include "cpu/cpu_isa.h"
 
 namespace {
 
@@ -427,41 +426,13 @@ struct CakArgs {
     for (int64_t r = r0; r < r1; ++r) out[r] = top1_row_##SUFFIX<T, A>(z + r * C, C);               \
   }
 
+// On other CPUs S2H_TARGET_* are empty and active_isa() is always scalar: the same portable loops
+// three times keep the dispatch one piece.
 KL_DEFINE_RANGES(base, )
-#if S2H_X86
-KL_DEFINE_RANGES(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))))
-KL_DEFINE_RANGES(avx2, __attribute__((target("avx2,fma,f16c"))))
-#else  // never chosen elsewhere (detect_isa); the same portable loops keep the dispatch one piece
-KL_DEFINE_RANGES(avx512, )
-KL_DEFINE_RANGES(avx2, )
-#endif
+KL_DEFINE_RANGES(avx512, S2H_TARGET_AVX512)
+KL_DEFINE_RANGES(avx2, S2H_TARGET_AVX2)
 
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-#if S2H_X86
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    // F16C is not asked for: every AVX2 CPU has it (it came one generation earlier), and clang's
-    // __builtin_cpu_supports does not know the name.
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBase;
-  }();
-#else
-  constexpr Isa best = Isa::kBase;  // other CPUs: the portable loops, vectorised for the target
-#endif
-  Isa isa = best;
-  if (const char* env = std::getenv("S2H_CPU_ISA")) {  // may only lower the choice
-    Isa want = best;
-    if (std::strcmp(env, "default") == 0 || std::strcmp(env, "base") == 0) want = Isa::kBase;
-    else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
-    if (static_cast<int>(want) < static_cast<int>(isa)) isa = want;
-  }
-  return isa;
-}
+using s2h::cpu::Isa;
 
 // Rows per parallel task: about 32k elements each, at least one row.
 int64_t grain_rows(int64_t C) {
@@ -492,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_gap_cpu(const at::Tensor& soft
   at::Tensor loss = at::empty({B}, s.options().dtype(acc_type(s.scalar_type())));
   at::Tensor gs = at::empty({B, C}, s.options());
   at::Tensor gh = at::empty({B, C}, s.options());
-  const Isa isa = detect_isa();
+  const Isa isa = s2h::cpu::active_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "s2h::kl_gap", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
@@ -500,8 +471,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_gap_cpu(const at::Tensor& soft
                           gh.mutable_data_ptr<T>(), loss.mutable_data_ptr<A>(), C, A(1.0 / temperature),
                           A(grad_scale / temperature)};
     at::parallel_for(0, B, grain_rows(C), [&](int64_t r0, int64_t r1) {
-      if (isa == Isa::kAvx512) gap_rows_avx512<T, A>(p, r0, r1);
-      else if (isa == Isa::kAvx2) gap_rows_avx2<T, A>(p, r0, r1);
+      if (isa == Isa::avx512) gap_rows_avx512<T, A>(p, r0, r1);
+      else if (isa == Isa::avx2) gap_rows_avx2<T, A>(p, r0, r1);
       else gap_rows_base<T, A>(p, r0, r1);
     });
   });
@@ -523,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cpu(const at::Tensor& stud
   at::Tensor loss = at::empty({B}, zs.options().dtype(acc));
   at::Tensor g = at::empty({B, C}, zs.options());
   at::Tensor gamma_out = at::empty({}, zs.options().dtype(acc));
-  const Isa isa = detect_isa();
+  const Isa isa = s2h::cpu::active_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "s2h::ca_kld", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;
@@ -534,8 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cpu(const at::Tensor& stud
     } else {  // the teacher's mean top-1 probability (raw logits, T = 1) over the batch
       std::vector<A> top1(B);
       at::parallel_for(0, B, grain_rows(C), [&](int64_t r0, int64_t r1) {
-        if (isa == Isa::kAvx512) top1_rows_avx512<T, A>(zt_ptr, C, top1.data(), r0, r1);
-        else if (isa == Isa::kAvx2) top1_rows_avx2<T, A>(zt_ptr, C, top1.data(), r0, r1);
+        if (isa == Isa::avx512) top1_rows_avx512<T, A>(zt_ptr, C, top1.data(), r0, r1);
+        else if (isa == Isa::avx2) top1_rows_avx2<T, A>(zt_ptr, C, top1.data(), r0, r1);
         else top1_rows_base<T, A>(zt_ptr, C, top1.data(), r0, r1);
       });
       double sum = 0;
@@ -546,8 +517,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cpu(const at::Tensor& stud
     const CakArgs<T, A> p{zs.const_data_ptr<T>(), zt_ptr, g.mutable_data_ptr<T>(), loss.mutable_data_ptr<A>(), C,
                           A(1.0 / temperature), A(eps), gam, A(grad_scale), standardize};
     at::parallel_for(0, B, grain_rows(C), [&](int64_t r0, int64_t r1) {
-      if (isa == Isa::kAvx512) cak_rows_avx512<T, A>(p, r0, r1);
-      else if (isa == Isa::kAvx2) cak_rows_avx2<T, A>(p, r0, r1);
+      if (isa == Isa::avx512) cak_rows_avx512<T, A>(p, r0, r1);
+      else if (isa == Isa::avx2) cak_rows_avx2<T, A>(p, r0, r1);
       else cak_rows_base<T, A>(p, r0, r1);
     });
   });

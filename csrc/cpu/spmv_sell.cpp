@@ -8,8 +8,8 @@
 // rows side by side at values/cols[slice_ptr[s] + 16*j + lane], padded with (0, column 0) up to
 // its longest row; rows[16*s + lane] is the output row of a lane (-1: a padding lane past M).
 // One gather of x and one FMA handle 16 nonzeros of 16 rows, with no per-row reduction and no
-// ragged tail: on a 1000x512 weight this kernel is 1.6x the CSR gather-dot kernel of spmm.cpp at
-// 90% sparsity and 1.9-2.5x at 95% (standalone, AVX-512).
+// ragged tail: faster than the CSR gather-dot kernel of spmm_kernels.cpp on classifier-sized
+// weights at high sparsity (benchmarks/results/spmm_cpu.md).  ISA: csrc/cpu/cpu_isa.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,7 +20,7 @@
 #include <cstdint>
 
 #include "common/spmm.h"
-#include "cpu/spmm_isa.h"
+#include "cpu/cpu_isa.h"
 #if S2H_X86
 #include <immintrin.h>
 #endif
@@ -59,7 +59,7 @@ void sell_scalar(const Sell& a, int64_t s0, int64_t s1) {
 }
 
 #if S2H_X86
-__attribute__((target("avx2,fma"))) void sell_avx2(const Sell& a, int64_t s0, int64_t s1) {
+S2H_TARGET_AVX2 void sell_avx2(const Sell& a, int64_t s0, int64_t s1) {
   alignas(32) float out[kSlice];
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t begin = a.slice_ptr[s], end = a.slice_ptr[s + 1];
@@ -85,7 +85,7 @@ __attribute__((target("avx2,fma"))) void sell_avx2(const Sell& a, int64_t s0, in
   }
 }
 
-__attribute__((target("avx512f"))) void sell_avx512(const Sell& a, int64_t s0, int64_t s1) {
+S2H_TARGET_AVX512 void sell_avx512(const Sell& a, int64_t s0, int64_t s1) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t end = a.slice_ptr[s + 1];
@@ -148,11 +148,14 @@ at::Tensor spmv_sell_cpu(const at::Tensor& values, const at::Tensor& cols, const
 
   Sell a{values.data_ptr<float>(), cols.data_ptr<int32_t>(), sp, rp, x.data_ptr<float>(),
          bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), relu};
-  const Isa isa = active_isa();
+  using cpu::Isa;
+  const Isa isa = cpu::active_isa();
   void (*kernel)(const Sell&, int64_t, int64_t) = sell_scalar;
 #if S2H_X86
   if (isa == Isa::avx512) kernel = sell_avx512;
   if (isa == Isa::avx2) kernel = sell_avx2;
+#else
+  (void)isa;
 #endif
   // Threads over slice ranges of equal packed length, from 2^14 packed entries per thread (the
   // threshold of spmm's kernels).

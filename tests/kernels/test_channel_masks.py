@@ -1,9 +1,9 @@
-"""channel_masks: every backend against the pure-PyTorch reference (DESIGN §2)."""
+"""channel_masks: every backend against the pure-PyTorch reference (docs/DESIGN.md §2)."""
 import pytest
 import torch
 
 import s2h_kernels
-from s2h_kernels import reference
+from s2h_kernels import _cpu_config, reference
 
 # (offsets, divisors): a mix of sizes and divisors, one single-bucket group, one > one chunk.
 LAYOUTS = [
@@ -30,6 +30,22 @@ def run_both(u, offsets, divisors, temperature, hard_width, backend):
     ((out[0] * gw).sum() + (out[1] * ge).sum()).backward()
     ((ref[0] * gw).sum() + (ref[1] * ge).sum()).backward()
     return out, ref, u1.grad, u2.grad
+
+
+_LEVELS = ("scalar", "avx2", "avx512")
+
+
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=pytest.mark.skipif(
+    _LEVELS.index(i) > _LEVELS.index(_cpu_config.best_isa()), reason=f"CPU lacks {i}")) for i in _LEVELS])
+@pytest.mark.parametrize("offsets,divisors", LAYOUTS)
+def test_cpu_isa_levels_match_reference(cpu_env, isa, offsets, divisors):
+    """Every ISA level of the float CPU passes (S2H_CPU_ISA) against the reference, forward and backward."""
+    cpu_env(S2H_CPU_ISA=isa)
+    assert _cpu_config.active_isa() == isa
+    u = make_u(offsets, torch.float32, torch.device("cpu"), seed=5)
+    (w, e, k), (wr, er, kr), gu, gr = run_both(u, offsets, divisors, 0.7, "threshold", "cpu")
+    torch.testing.assert_close((w, e, gu), (wr, er, gr), rtol=1e-5, atol=1e-6)
+    assert torch.equal(k, kr)
 
 
 @pytest.mark.parametrize("offsets,divisors", LAYOUTS)

@@ -1,6 +1,6 @@
 """kl_gap and ca_kld: every backend against the reference, the paper's eager forms and gradcheck.
 
-DESIGN §2 (fused KL gap with split-detach gradients) and §3 (CA-KLD). Triton runs under the
+docs/DESIGN.md §2 (fused KL gap with split-detach gradients) and §3 (CA-KLD). Triton runs under the
 interpreter on the CPU, so its shapes stay small; C = 50257 runs on the CPU backend (and one row
 on Triton).
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import s2h_kernels
-from s2h_kernels import reference
+from s2h_kernels import _cpu_config, reference
 
 
 # The interpreter evaluates masked-off lanes too (-inf - -inf): numpy warns, the kernel discards them.
@@ -357,15 +357,20 @@ def test_triton_multi_chunk(monkeypatch):
             torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "default"])
-def test_cpu_isa_variants(monkeypatch, isa):
+_LEVELS = ("scalar", "avx2", "avx512")
+
+
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=pytest.mark.skipif(
+    _LEVELS.index(i) > _LEVELS.index(_cpu_config.best_isa()), reason=f"CPU lacks {i}")) for i in ("avx2", "scalar")])
+def test_cpu_isa_variants(cpu_env, isa):
     """The AVX2 and baseline builds of the CPU kernel give the same results as the best one."""
     s, h = logits((5, 77), seed=28), logits((5, 77), seed=29)
     s[2, 3] = NINF
     h[2, 3] = NINF
     best = s2h_kernels.kl_gap_with_grads(s, h, 1.3, "none")
     best_cak = torch.ops.s2h.ca_kld(s, h, 2.0, None, True, 1e-7)
-    monkeypatch.setenv("S2H_CPU_ISA", isa)
+    cpu_env(S2H_CPU_ISA=isa)
+    assert _cpu_config.active_isa() == isa
     for a, b in zip(s2h_kernels.kl_gap_with_grads(s, h, 1.3, "none"), best):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(torch.ops.s2h.ca_kld(s, h, 2.0, None, True, 1e-7), best_cak):

@@ -1,4 +1,4 @@
-"""spmm / spmm_conv2d: every backend against the dense reference (DESIGN §4)."""
+"""spmm / spmm_conv2d: every backend against the dense reference (docs/DESIGN.md §4)."""
 import contextlib
 
 import pytest
@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import s2h_kernels
-from s2h_kernels import SparseWeight, reference
+from s2h_kernels import SparseWeight, _cpu_config, reference
 
 # The CPU kernel's ISAs; those the machine lacks are skipped.
-_CAP = torch.backends.cpu.get_cpu_capability()
-_SUPPORTED = {"scalar", "avx2"} | ({"avx512"} if _CAP.startswith("AVX512") else set())
-if _CAP == "DEFAULT":
-    _SUPPORTED = {"scalar"}
+_LEVELS = ("scalar", "avx2", "avx512")
+_SUPPORTED = set(_LEVELS[: _LEVELS.index(_cpu_config.best_isa()) + 1])
 ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in _SUPPORTED, reason=f"CPU lacks {i}"))
         for i in ("avx512", "avx2", "scalar")]
 
@@ -139,29 +137,28 @@ LARGE = [
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,n,sparsity", LARGE)
-def test_cpu_isas(monkeypatch, isa, m, k, n, sparsity):
-    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+def test_cpu_isas(cpu_env, isa, m, k, n, sparsity):
+    cpu_env(S2H_CPU_ISA=isa)
     w = sparse_matrix(m, k, sparsity, seed=m + k)
     assert_matches_dense("cpu", torch.device("cpu"), w, randn(k, n, seed=n), randn(m, seed=7), relu=True)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n", [17, 34, 49, 50, 64])
-def test_cpu_tail_columns_by_dot_kernel(monkeypatch, isa, n):
+def test_cpu_tail_columns_by_dot_kernel(cpu_env, isa, n):
     # S2H_SPMM_TAIL_X=0: take the dot-kernel path for the 1-2 last columns whatever the size of X.
-    monkeypatch.setenv("S2H_SPMM_ISA", isa)
-    monkeypatch.setenv("S2H_SPMM_TAIL_X", "0")
+    cpu_env(S2H_CPU_ISA=isa, S2H_SPMM_TAIL_X="0")
     w = sparse_matrix(48, 150, 0.6, seed=n)
     assert_matches_dense("cpu", torch.device("cpu"), w, randn(150, n + 5, seed=n)[:, 5:], randn(48, seed=3), relu=True)
 
 
 @pytest.mark.parametrize("keep", ["default", "0"])
-def test_cpu_scratch_reused_across_calls(monkeypatch, keep):
+def test_cpu_scratch_reused_across_calls(cpu_env, keep):
     # The aligned copy of X (and its tail columns) lives in a per-thread buffer that the next call
     # reuses: a smaller call after a larger one must read only its own X.  keep=0: no buffer is
     # kept, every copy gets a fresh tensor (the path of copies over 64 MB).
     if keep != "default":
-        monkeypatch.setenv("S2H_SPMM_KEEP_SCRATCH", keep)
+        cpu_env(S2H_SPMM_KEEP_SCRATCH=keep)
     cases = [(96, 400, 196, 0.6), (48, 64, 17, 0.2), (96, 400, 34, 0.5), (48, 64, 17, 0.2), (20, 30, 40, 0.0)]
     for i, (m, k, n, sp) in enumerate(cases):
         w, x = sparse_matrix(m, k, sp, seed=i), randn(k, n + 3, seed=i)[:, 3:]  # misaligned rows
@@ -183,11 +180,10 @@ def test_cpu_threads_agree(threads):
         assert_matches_dense("cpu", torch.device("cpu"), sparse_matrix(97, 333, 0.8), randn(333, 150), randn(97), relu=True)
 
 
-def test_cpu_isa_env_rejects_unknown(monkeypatch):
-    monkeypatch.setenv("S2H_SPMM_ISA", "sse9")
-    sw = SparseWeight.from_dense(sparse_matrix(4, 5, 0.5))
-    with pytest.raises(RuntimeError, match="S2H_SPMM_ISA"):
-        s2h_kernels.spmm(sw, randn(5, 3), backend="cpu")
+def test_cpu_isa_env_rejects_unknown(cpu_env):
+    # Every op refusing it while it is set: tests/kernels/test_cpu_config.py.
+    with pytest.raises(RuntimeError, match="S2H_CPU_ISA=sse9 is not one of avx512, avx2, scalar, auto"):
+        cpu_env(S2H_CPU_ISA="sse9")
 
 
 # ---- conv ----
@@ -239,17 +235,16 @@ def test_conv_matches_conv2d(backend, device_for, cfg):
     (2, 64, 8, 8, 64, 1, 2, 0, 1, 1),
 ])
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.95])
-def test_conv_cpu_isas(monkeypatch, isa, cfg, sparsity):
-    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+def test_conv_cpu_isas(cpu_env, isa, cfg, sparsity):
+    cpu_env(S2H_CPU_ISA=isa)
     assert_conv_matches("cpu", torch.device("cpu"), *cfg, sparsity=sparsity)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_cpu_streaming_stores(monkeypatch, isa):
+def test_cpu_streaming_stores(cpu_env, isa):
     # S2H_SPMM_STREAM=0: non-temporal stores for every output size (by default above 2 MB),
     # on the plain-row paths they apply to: a matmul with aligned rows and a batched 1x1 conv.
-    monkeypatch.setenv("S2H_SPMM_ISA", isa)
-    monkeypatch.setenv("S2H_SPMM_STREAM", "0")
+    cpu_env(S2H_CPU_ISA=isa, S2H_SPMM_STREAM="0")
     assert_matches_dense("cpu", torch.device("cpu"), sparse_matrix(40, 90, 0.8), randn(90, 160), randn(40, seed=2), relu=True)
     assert_conv_matches("cpu", torch.device("cpu"), 3, 24, 8, 8, 48, 1, 1, 0, 1, 1, sparsity=0.9)
 
@@ -278,10 +273,10 @@ def test_conv_cpu_threads(threads, cfg):
     (1, 16, 30, 30, 24, 3, 1, 1, 1, 1),   # tiles split: each thread copies its rows
     (1, 64, 8, 8, 128, 3, 1, 1, 1, 1),    # rows split: each thread copies all of the input
 ])
-def test_conv_cpu_threads_fresh_buffers(monkeypatch, cfg):
+def test_conv_cpu_threads_fresh_buffers(cpu_env, cfg):
     # A 1 KB scratch limit: every copy of the input is a fresh tensor, which must stay alive
     # until the thread's product has read it (it did not: a copy over 64 MB was read freed).
-    monkeypatch.setenv("S2H_SPMM_KEEP_SCRATCH", "1024")
+    cpu_env(S2H_SPMM_KEEP_SCRATCH="1024")
     with num_threads(2):
         for _ in range(3):  # freed memory gets reused by the next call's allocations
             assert_conv_matches("cpu", torch.device("cpu"), *cfg, sparsity=0.7)
@@ -323,8 +318,8 @@ SELL = [
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,sparsity", SELL)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_spmv_sell_matches_dense(monkeypatch, isa, m, k, sparsity, threads):
-    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+def test_spmv_sell_matches_dense(cpu_env, isa, m, k, sparsity, threads):
+    cpu_env(S2H_CPU_ISA=isa)
     with num_threads(threads):
         w = sparse_matrix(m, k, sparsity, seed=m + k, empty_rows=(0,) if m > 2 else ())
         sw, x, bias = SparseWeight.from_dense(w), randn(k, 1, seed=k), randn(m, seed=5)
@@ -378,8 +373,8 @@ def test_sell_inference_tensors():
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n", [1, 40])
-def test_relu_keeps_nan_like_torch(monkeypatch, isa, n):
-    monkeypatch.setenv("S2H_SPMM_ISA", isa)
+def test_relu_keeps_nan_like_torch(cpu_env, isa, n):
+    cpu_env(S2H_CPU_ISA=isa)
     # A NaN in row 3 of x reaches the outputs of the rows with a nonzero in column 3 (a sparse
     # product never multiplies the pruned zeros), and the ReLU must keep it, as torch.relu does.
     w = sparse_matrix(24, 10, 0.5, seed=1)

@@ -1,6 +1,6 @@
-"""KL gap, forward and both gradients: the fused op against the paper's eager d1 + d2 (DESIGN §2).
+"""KL gap, forward and both gradients: the fused op against the paper's eager d1 + d2 (docs/DESIGN.md §2).
 
-    .venv/bin/python -m pytest benchmarks/test_bench_kl.py --benchmark-only \
+    .venv/bin/python -m pytest benchmarks/test_bench_kl_gap.py --benchmark-only \
         --benchmark-columns=min,median,mean,rounds --benchmark-json=/tmp/kl_cpu.json
     .venv/bin/python benchmarks/report.py /tmp/kl_cpu.json
 
@@ -13,6 +13,8 @@ One group per shape (B rows, C classes), fp32 logits on the CPU, torch's default
 * ``fused``: ``s2h_kernels.kl_gap_with_grads`` (loss, grad_soft, grad_hard), the trainer's path.
 * ``fused_autograd``: ``s2h_kernels.kl_gap`` then ``torch.autograd.grad`` of it with respect to both
   inputs (the saved per-row gradients are scaled in backward: two more B x C tensors).
+
+CA-KLD has its own file (benchmarks/test_bench_ca_kld.py), which reuses the helpers here.
 
 Every test checks its result against the other implementation, so a wrong kernel fails here too.
 
@@ -137,39 +139,5 @@ def test_kl_gap(benchmark, impl, B, C):
     del out
     if not benchmark.disabled:
         peak = peak_extra_bytes(fn, s, h)
-        benchmark.extra_info["peak_extra_bytes"] = peak
-        benchmark.extra_info["peak_extra_BxC"] = round(peak / (B * C * 4), 3)
-
-
-# CA-KLD (teacher-guided one-shot pruning): fused op + backward against the eager reference.
-CA_SHAPES = [(512, 100), (512, 1000), (512, 32000)]
-
-
-def ca_eager(zs, zt):
-    loss = s2h_kernels.reference.ca_kld(zs, zt, 4.0)
-    (g,) = torch.autograd.grad(loss, zs)
-    return loss.detach(), g
-
-
-def ca_fused(zs, zt):
-    loss = s2h_kernels.ca_kld(zs, zt, 4.0)
-    (g,) = torch.autograd.grad(loss, zs)
-    return loss.detach(), g
-
-
-@pytest.mark.parametrize("impl", ["eager", "fused"])
-@pytest.mark.parametrize("B,C", CA_SHAPES, ids=[f"B{B}-C{C}" for B, C in CA_SHAPES])
-def test_ca_kld(benchmark, impl, B, C):
-    benchmark.group = f"ca_kld B={B} C={C} cpu {THREADS}t"
-    fn = ca_eager if impl == "eager" else ca_fused
-    zs, zt = make_inputs(B, C, seed=1)
-    zt = zt.detach()
-    loss, g = benchmark.pedantic(fn, args=(zs, zt), **rounds_for(B * C))
-    k = 16
-    ref_loss, ref_g = (ca_fused if impl == "eager" else ca_eager)(zs, zt)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g[:k], ref_g[:k], rtol=1e-4, atol=1e-7)
-    if not benchmark.disabled:
-        peak = peak_extra_bytes(fn, zs, zt)
         benchmark.extra_info["peak_extra_bytes"] = peak
         benchmark.extra_info["peak_extra_BxC"] = round(peak / (B * C * 4), 3)
