@@ -8,7 +8,7 @@ export S2H_SKIP_CUDA
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: setup install demo test test-fast bench cuda-check portable-check wheel gpu-static gpu-check clean
+.PHONY: setup install data demo test test-fast bench cuda-check portable-check wheel gpu-static gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,22 @@ install: $(VENV)/.deps
 
 setup: install
 
+# Fashion-MNIST, the benchmark of the accuracy studies: Debian's package (four idx files under
+# /usr/share/datasets/fashion-mnist). Installed where apt-get can run (root); elsewhere it says how.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+data:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) && \
+	    echo "installed dataset-fashion-mnist"; \
+	else echo "Fashion-MNIST not installed: run 'sudo apt-get install dataset-fashion-mnist', or put the four" \
+	    "*-idx*-ubyte.gz files in a folder and set S2H_DATA to it (its tests are skipped until then)"; fi
+
 demo: install
 	$(BIN)/python -m s2h demo
 
-test: install
+test: install data
 	$(BIN)/python -m pytest tests benchmarks --benchmark-disable -q
 
 test-fast: install
