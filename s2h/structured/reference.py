@@ -130,6 +130,7 @@ class S2HReference(S2HStepBase):
     # ------------------------------------------------------------------ the step
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         self.check_batch(x, y)
+        self.warn_eval_mode()
         model, net, T = self.model, self.model.model, self.terms
         self.zero_grads()
         u = model.u
@@ -148,6 +149,7 @@ class S2HReference(S2HStepBase):
             with model.branch("soft"):
                 ys = net(x)                                  # θ⊙w
             try:
+                self.check_logits(ys, y)
                 self.check_labels(y, ys.shape[1])
             except ValueError:
                 self.restore_stats(snap)
@@ -157,12 +159,9 @@ class S2HReference(S2HStepBase):
                 yh = net(x)                                  # θ⊙m, full width
             st.w = w
             Tk = self.temperature
-            l = F.cross_entropy(ys, y.long())
-            if self.resource_target == "soft":
-                r = model.resource_loss()
-            else:  # the hard network's FLOPs, straight-through to E
-                widths = E + (keep_res.to(E.dtype) - E).detach()
-                r = (model.flops(widths).to(u.dtype) / model.dense_flops() - model.target_flops) ** 2
+            target = y.long() if y.dim() == 1 else y.to(ys.dtype)  # labels or probabilities
+            l = F.cross_entropy(ys, target, label_smoothing=self.label_smoothing)
+            r = self.resource_loss(E, keep_res)  # "soft": F(E); "hard": F(keep), straight-through to E
             d1 = F.kl_div(F.log_softmax(yh / Tk, 1), F.log_softmax(ys.detach() / Tk, 1), reduction="batchmean",
                           log_target=True)
             d2 = F.kl_div(F.log_softmax(yh.detach() / Tk, 1), F.log_softmax(ys / Tk, 1), reduction="batchmean",
@@ -209,7 +208,7 @@ class S2HReference(S2HStepBase):
     def _result(self, vals, ys, yh, y, E, keep) -> dict[str, Any]:
         model = self.model
         with torch.no_grad():
-            yv = y.long()
+            yv = y.long() if y.dim() == 1 else y.argmax(1)
             dense = model.dense_flops()
             out = {
                 "step": self.num_steps, "loss": vals[0], "gap": vals[1], "resource_loss": vals[2],

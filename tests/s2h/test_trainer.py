@@ -31,7 +31,7 @@ import s2h
 from s2h.models import resnet56
 from s2h_kernels import channel_masks
 from s2h.structured.reference import S2HReference
-from s2h.structured.step import TABLE5, NonFiniteLossError, S2HPruner, resolve_terms
+from s2h.structured.step import PAPER_SETTINGS, TABLE5, NonFiniteLossError, S2HPruner, resolve_terms
 
 ROWS = [pytest.param(r, id=f"row{r['row']}") for r in TABLE5]
 
@@ -93,8 +93,12 @@ def _batches(kind, n, dtype, batch=None, size=8):
 
 
 def _trainer(cls, model, balance="paper", row=TABLE5[1], lr=0.05, mask_lr=0.5, **kw):
+    """The paper's Algorithm 1 settings (β = 0.5, γ = 5, R on the expected FLOPs) unless ``kw`` says otherwise."""
     opt = torch.optim.SGD(model.weight_parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     mopt = torch.optim.SGD(model.mask_parameters(), lr=mask_lr, momentum=0.9)
+    kw = {**PAPER_SETTINGS, **kw}
+    if cls is S2HPruner:
+        kw.setdefault("eager_checks", True)  # the tests of "nothing updated" (deferred checks: test_step_reads)
     return cls(model, opt, mopt, balance=balance, ablate=row["ablate"], enable=row["enable"], **kw)
 
 
@@ -375,12 +379,16 @@ def test_step_returns_stats():
 
 
 def test_default_mask_optimizer_and_coefficients():
+    """The defaults that reach the FLOPs target (README): Adam(u, 0.02), β = γ = 1, R on the hard FLOPs."""
     m = _model("mlp", torch.float32)
-    tr = S2HPruner(m, torch.optim.SGD(m.weight_parameters(), lr=0.1), mask_lr=0.02)
-    assert isinstance(tr.mask_optimizer, torch.optim.SGD)
+    tr = S2HPruner(m, torch.optim.SGD(m.weight_parameters(), lr=0.1))
+    assert isinstance(tr.mask_optimizer, torch.optim.Adam)
     assert tr.mask_optimizer.param_groups[0]["lr"] == 0.02
     assert tr.mask_optimizer.param_groups[0]["params"][0] is m.u
-    assert (tr.ce_coef, tr.gap_coef, tr.resource_coef, tr.balance) == (0.5, 5.0, 5.0, "paper")
+    assert (tr.ce_coef, tr.gap_coef, tr.resource_coef, tr.balance) == (1.0, 1.0, 5.0, "paper")
+    assert tr.resource_target == "hard"
+    paper = S2HPruner(m, torch.optim.SGD(m.weight_parameters(), lr=0.1), **PAPER_SETTINGS)
+    assert (paper.ce_coef, paper.gap_coef, paper.resource_target) == (0.5, 5.0, "soft")
     assert tr.terms == resolve_terms()
     assert "G_soft_theta" not in tr.terms
 
