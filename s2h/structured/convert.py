@@ -74,6 +74,8 @@ def _example_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
 def _resolve_ignored(model: nn.Module, ignored_layers) -> tuple[list[nn.Module], list[str]]:
     if ignored_layers is None:
         return [], []
+    if isinstance(ignored_layers, (str, nn.Module)):
+        ignored_layers = [ignored_layers]  # one name (not its characters), one module
     names = {m: n for n, m in model.named_modules()}
     mods, out_names = [], []
     for item in ignored_layers:
@@ -100,7 +102,7 @@ def _resolve_ignored(model: nn.Module, ignored_layers) -> tuple[list[nn.Module],
 
 def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignored_layers=None, divisor: int = 1,
             temperature: float = 1.0, hard_width: str = "threshold", *, reorder: bool = True,
-            inplace: bool = False) -> S2HModel:
+            inplace: bool = False, strict: bool = False) -> S2HModel:
     """Convert ``model`` for S2HPruner: find the dependency groups, reorder, swap in S2H layers.
 
     * ``example_inputs``: a tensor or tuple of tensors ``model`` accepts; the FLOPs are counted
@@ -113,6 +115,8 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     * ``hard_width``: "threshold" (paper: keep buckets with w ≥ mean(w)) or "expected" (ceil(E)).
     * ``reorder``: permute each group's channels by L1 importance, descending (function-preserving).
     * ``inplace``: convert ``model`` itself instead of a deep copy.
+    * ``strict``: raise on the first dependency group S2H cannot prune (instead of leaving it
+      dense and listing it in ``model.report()``).
 
     Raises a ValueError naming the module for a layer S2H cannot prune, and a RuntimeError naming
     the module for a model that cannot be traced.
