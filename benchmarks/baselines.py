@@ -65,6 +65,13 @@ class MaskLayout:
         self.n_int = torch.tensor(sizes, dtype=torch.int64, device=device)
         self.unit = all(d == 1 for d in div)
         self.bucket_pos = pos.to(device)
+        self.chan_bucket = torch.repeat_interleave(torch.arange(N), torch.tensor(div).repeat_interleave(
+            torch.tensor(sizes))).to(device)
+        # flat (segmented) form: group of each bucket, 1-based index within its group, group ends
+        self.seg = torch.repeat_interleave(torch.arange(G), torch.tensor(sizes)).to(device)
+        self.local1 = (torch.arange(N) - torch.tensor(off[:-1]).repeat_interleave(torch.tensor(sizes)) + 1
+                       ).to(torch.float32).to(device)
+        self.ends = torch.tensor(off[1:], dtype=torch.int64, device=device)
         # channel -> position in the padded layout (a bucket repeated d times)
         if self.unit:
             self.chan_pos = pos.to(device)
@@ -89,7 +96,7 @@ def _masks_forward(u: torch.Tensor, L: MaskLayout, temperature: float, hard_widt
     """(w, E, keep, p_rev) with everything vectorised; p_rev (G, n_max) is softmax in reversed rows."""
     dt = torch.promote_types(u.dtype, torch.float32)
     ext = torch.cat([u.to(dt) / temperature, u.new_full((1,), float("-inf"), dtype=dt)])
-    p = torch.softmax(ext[L.gather].view(L.G, L.n_max), dim=1)
+    p = torch.softmax(ext.index_select(0, L.gather).view(L.G, L.n_max), dim=1)
     w_rev = torch.cumsum(p, dim=1)                                  # w of bucket n-1-j at column j
     s = (p * L.weights.to(dt)).sum(1)                               # sum_j w_j per group
     E = L.d.to(dt) * s
@@ -99,7 +106,7 @@ def _masks_forward(u: torch.Tensor, L: MaskLayout, temperature: float, hard_widt
     else:
         kb = torch.ceil(s - TIE_RTOL).nan_to_num(1.0).to(torch.int64)
     keep = torch.minimum(kb.clamp(min=1), L.n_int) * L.d_int
-    w = w_rev.flatten()[L.chan_pos]
+    w = w_rev.flatten().index_select(0, L.chan_pos)
     return w, E, keep, p
 
 
@@ -121,18 +128,16 @@ class _MasksFn(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         L = ctx.L
         dt = p.dtype
-        q = p.new_zeros(L.G * L.n_max)
-        if gw is not None:
-            if L.unit:
-                q[L.chan_pos] = gw.to(dt)
-            else:
-                q.index_add_(0, L.chan_pos, gw.to(dt))
-        q = q.view(L.G, L.n_max)
+        if gw is None:
+            q = p.new_zeros(L.G, L.n_max)
+        else:  # channels summed per bucket, then gathered into the padded rows (a zero at the pads)
+            gb = gw.to(dt) if L.unit else p.new_zeros(L.N).index_add_(0, L.chan_bucket, gw.to(dt))
+            q = torch.cat([gb, gb.new_zeros(1)]).index_select(0, L.gather).view(L.G, L.n_max)
         g = q.sum(1, keepdim=True) - q.cumsum(1) + q                  # sum_{j >= k} q_j
         if gE is not None:
             g = g + (L.d.to(dt) * gE.to(dt))[:, None] * L.weights.to(dt)
         gu = p * (g - (p * g).sum(1, keepdim=True)) / ctx.T
-        out = gu.flatten()[L.bucket_pos]
+        out = gu.flatten().index_select(0, L.bucket_pos)
         return out.to(ctx.dtype), None, None, None
 
 
@@ -148,6 +153,86 @@ def channel_masks_autograd(u, offsets, temperature: float = 1.0, divisors=None, 
     return w.to(u.dtype), E.to(u.dtype), keep
 
 
+def _masks_flat(u: torch.Tensor, L: MaskLayout, temperature: float, hard_width: str, TIE_RTOL: float = 1e-5,
+                _p_out: list | None = None):
+    """Segmented form on the packed buckets (no padding): segment max / sum by scatter_reduce and
+    index_add, the reverse cumsum of the whole array in fp64 minus the suffix of the later groups."""
+    dt = torch.promote_types(u.dtype, torch.float32)
+    x = u.to(dt) / temperature
+    m = x.new_full((L.G,), float("-inf")).scatter_reduce_(0, L.seg, x.detach(), "amax")
+    e = (x - m.index_select(0, L.seg)).exp()
+    Z = x.new_zeros(L.G).index_add(0, L.seg, e)
+    p = e / Z.index_select(0, L.seg)
+    if _p_out is not None:
+        _p_out.append(p)
+    R = p.double().flip(0).cumsum(0).flip(0)
+    Rn = torch.cat([R, R.new_zeros(1)]).index_select(0, L.ends)
+    w = (R - Rn.index_select(0, L.seg)).to(dt)
+    s = x.new_zeros(L.G).index_add(0, L.seg, p * L.local1.to(dt))     # sum_j w_j = sum_k p_k (k + 1)
+    E = L.d.to(dt) * s
+    with torch.no_grad():
+        if hard_width == "threshold":
+            t = (s / L.n.to(dt)) * (1 - TIE_RTOL)
+            kb = torch.zeros(L.G, dtype=torch.int64, device=u.device).index_add_(
+                0, L.seg, (w >= t.index_select(0, L.seg)).to(torch.int64))
+        else:
+            kb = torch.ceil(s - TIE_RTOL).nan_to_num(1.0).to(torch.int64)
+        keep = torch.minimum(kb.clamp(min=1), L.n_int) * L.d_int
+    if not L.unit:
+        w = w.index_select(0, L.chan_bucket)
+    return w.to(u.dtype), E.to(u.dtype), keep
+
+
+def _segment_suffix(x: torch.Tensor, L: MaskLayout) -> torch.Tensor:
+    """sum_{k >= j, same group} x_k for every bucket j (fp64 reverse cumsum minus the later groups)."""
+    R = x.double().flip(0).cumsum(0).flip(0)
+    Rn = torch.cat([R, R.new_zeros(1)]).index_select(0, L.ends)
+    return (R - Rn.index_select(0, L.seg)).to(x.dtype)
+
+
+class _MasksFlatFn(torch.autograd.Function):
+    """The segmented forward with the closed-form backward: g_k = sum_{j<=k} gw_j (+ d (k+1) gE),
+    gu = p (g - <p, g>_group) / T."""
+
+    @staticmethod
+    def forward(ctx, u, L, temperature, hard_width):
+        keep_p = []
+        with torch.no_grad():
+            w, E, keep = _masks_flat(u, L, temperature, hard_width, _p_out=keep_p)
+        ctx.save_for_backward(keep_p[0])
+        ctx.L, ctx.T, ctx.dtype = L, temperature, u.dtype
+        ctx.mark_non_differentiable(keep)
+        return w, E, keep
+
+    @staticmethod
+    def backward(ctx, gw, gE, _gk):
+        (p,) = ctx.saved_tensors
+        L, dt = ctx.L, p.dtype
+        if gw is None:
+            g = p.new_zeros(L.N)
+        else:
+            gb = gw.to(dt) if L.unit else p.new_zeros(L.N).index_add_(0, L.chan_bucket, gw.to(dt))
+            c = gb.double().cumsum(0)                         # prefix sums within groups
+            starts = torch.cat([c.new_zeros(1), c]).index_select(0, L.ends - L.n_int)
+            g = (c - starts.index_select(0, L.seg)).to(dt)
+        if gE is not None:
+            g = g + (L.d.to(dt) * gE.to(dt)).index_select(0, L.seg) * L.local1.to(dt)
+        pg = p * g
+        dot = p.new_zeros(L.G).index_add_(0, L.seg, pg)
+        gu = (pg - p * dot.index_select(0, L.seg)) / ctx.T
+        return gu.to(ctx.dtype), None, None, None
+
+
+def channel_masks_flat_cf(u, offsets, temperature: float = 1.0, divisors=None, hard_width: str = "threshold"):
+    """Best eager, segmented form with the closed-form backward."""
+    return _MasksFlatFn.apply(u, mask_layout(u, offsets, divisors), float(temperature), hard_width)
+
+
+def channel_masks_flat(u, offsets, temperature: float = 1.0, divisors=None, hard_width: str = "threshold"):
+    """Best eager, segmented (unpadded) form under autograd."""
+    return _masks_flat(u, mask_layout(u, offsets, divisors), float(temperature), hard_width)
+
+
 def channel_masks_for(offsets, divisors=None, temperature: float = 1.0, hard_width: str = "threshold",
                       device="cpu", closed_form: bool = False) -> Callable:
     """``u -> (w, E, keep)`` with the layout built now (the form to hand to torch.compile: the layout's
@@ -155,6 +240,8 @@ def channel_masks_for(offsets, divisors=None, temperature: float = 1.0, hard_wid
     L = _layout(tuple(int(o) for o in offsets), None if divisors is None else tuple(int(d) for d in divisors),
                 str(torch.device(device)))
     T = float(temperature)
+    if closed_form == "flat":
+        return lambda u: _masks_flat(u, L, T, hard_width)
     if closed_form:
         return lambda u: _MasksFn.apply(u, L, T, hard_width)
 

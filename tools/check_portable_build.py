@@ -27,7 +27,8 @@ import tempfile
 from torch.utils.cpp_extension import include_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + [os.path.join(ROOT, "csrc", "ops.cpp")]
+# what setup.py compiles without CUDA: csrc/*.cpp (ops.cpp, module.cpp) and csrc/cpu/*.cpp
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))) + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 FLAGS = ["-std=c++20", "-O2", "-fopenmp", "-fno-trapping-math", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H",
          "-DTORCH_EXTENSION_NAME=_C"]
 # name: (compiler, Debian packages)

@@ -153,7 +153,8 @@ def roofline_rows() -> list[dict]:
     """Bytes (compulsory: every input read once, every output written once), FLOPs (exp, log, max
     and compares counted as one each), and max(bytes / HBM, FLOPs / peak) on H100 SXM."""
     rows = []
-    # kl_gap_with_grads, fp32: benchmarks/test_bench_kl.py SHAPES. Reads s, h; writes gs, gh, per-row loss.
+    # kl_gap_with_grads, fp32: benchmarks/test_bench_kl_gap.py SHAPES.
+    # Reads s, h; writes gs, gh, per-row loss.
     for B, C in [(B, C) for B in (64, 512, 4096) for C in (10, 100, 1000, 32000)]:
         n = B * C
         byt = 4 * (2 * n) + 4 * (2 * n) + 4 * B
@@ -161,7 +162,8 @@ def roofline_rows() -> list[dict]:
         fl = 26 * n
         rows.append(dict(op="kl_gap_with_grads fp32", shape=f"B={B} C={C}", bytes=byt, issued=issued, flops=fl,
                          peak="FP32", programs=B, t=_roof(byt, fl)))
-    # ca_kld, fp32, standardize=True, gamma=None: test_bench_kl.py CA_SHAPES. Reads zs, zt; writes g, loss.
+    # ca_kld, fp32, standardize=True, gamma=None: benchmarks/test_bench_ca_kld.py CA_SHAPES.
+    # Reads zs, zt; writes g, loss.
     for B, C in [(512, 100), (512, 1000), (512, 32000)]:
         n = B * C
         byt = 4 * (2 * n) + 4 * n + 4 * B
@@ -169,10 +171,10 @@ def roofline_rows() -> list[dict]:
         fl = 45 * n
         rows.append(dict(op="ca_kld fp32 (std, gamma=None)", shape=f"B={B} C={C}", bytes=byt, issued=issued, flops=fl,
                          peak="FP32", programs=B, t=_roof(byt, fl)))
-    # channel_masks forward + backward, ResNet-50's groups (benchmarks/test_bench_masks.py).
+    # channel_masks forward + backward, ResNet-50's groups (benchmarks/test_bench_channel_masks.py).
     try:
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        from test_bench_masks import resnet50_group_sizes
+        from test_bench_channel_masks import resnet50_group_sizes
 
         sizes = resnet50_group_sizes()
     except Exception:  # noqa: BLE001  (torch_pruning missing: ResNet-50's group count and size from the last run)

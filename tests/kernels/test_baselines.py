@@ -29,8 +29,9 @@ def _masks_grads(fn, u, offsets, gw, ge, **kw):
     return w.detach(), e.detach(), k, u.grad
 
 
-@pytest.mark.parametrize("fn", [baselines.channel_masks_eager, baselines.channel_masks_autograd],
-                         ids=["closed_form", "autograd"])
+@pytest.mark.parametrize("fn", [baselines.channel_masks_eager, baselines.channel_masks_autograd,
+                                baselines.channel_masks_flat, baselines.channel_masks_flat_cf],
+                         ids=["closed_form", "autograd", "flat", "flat_closed_form"])
 @pytest.mark.parametrize("hard_width", ["threshold", "expected"])
 @pytest.mark.parametrize("divisors", [None, "mixed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -49,13 +50,15 @@ def test_channel_masks_baseline(fn, hard_width, divisors, temperature):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_channel_masks_baseline_resnet50_fp32():
+@pytest.mark.parametrize("fn", [baselines.channel_masks_eager, baselines.channel_masks_flat,
+                                baselines.channel_masks_flat_cf], ids=["padded", "flat", "flat_closed_form"])
+def test_channel_masks_baseline_resnet50_fp32(fn):
     """ResNet-50's group sizes (the benchmark), fp32."""
     sizes = [64] * 7 + [128] * 8 + [256] * 12 + [512] * 6 + [256, 512, 1024, 2048]
     u, offsets = _masks_case(sizes, seed=0, dtype=torch.float32, scale=1.0)
     g = torch.Generator().manual_seed(1)
     gw, ge = torch.randn(u.shape[0], generator=g), torch.randn(len(sizes), generator=g)
-    got = _masks_grads(baselines.channel_masks_eager, u, offsets, gw, ge)
+    got = _masks_grads(fn, u, offsets, gw, ge)
     ref = _masks_grads(reference.channel_masks, u, offsets, gw, ge)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
