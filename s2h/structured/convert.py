@@ -2,28 +2,35 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 
 from . import attention
-from .groups import find_groups, reorder_channels, trace_errors
+from .flops import FlopsTable, LayerCost, flops_of
+from .groups import KeptGroup, ModelOutputError, find_groups, reorder_channels, trace_errors
+from .kinds import layer_kind
 from .layers import (
     S2H_LAYER_TYPES,
     S2HBatchNorm1d,
     S2HBatchNorm2d,
     S2HConv2d,
     S2HLayerNorm,
+    S2HLayerNorm2d,
     S2HLinear,
     swap_modules,
 )
 from .masks import ChannelSpec, MaskState
 from .model import HARD_WIDTHS, S2HModel
+from .report import build_report
 
 __all__ = ["convert"]
 
-_REPLACE = {nn.Conv2d: S2HConv2d, nn.Linear: S2HLinear, nn.BatchNorm1d: S2HBatchNorm1d,
-            nn.BatchNorm2d: S2HBatchNorm2d, nn.LayerNorm: S2HLayerNorm}
+_REPLACE = {"conv2d": S2HConv2d, "linear": S2HLinear, "bn1d": S2HBatchNorm1d, "bn2d": S2HBatchNorm2d,
+            "bnact2d": S2HBatchNorm2d, "ln": S2HLayerNorm, "ln2d": S2HLayerNorm2d}
+_PLAIN = {"conv2d": nn.Conv2d, "linear": nn.Linear, "bn1d": nn.BatchNorm1d, "bn2d": nn.BatchNorm2d,
+          "bnact2d": nn.BatchNorm2d, "ln": nn.LayerNorm, "ln2d": nn.LayerNorm}
 
 
 def _replace_modules(model: nn.Module, grouped_norms: set[str]) -> dict[str, nn.Module]:
@@ -31,18 +38,35 @@ def _replace_modules(model: nn.Module, grouped_norms: set[str]) -> dict[str, nn.
     new_of: dict[nn.Module, nn.Module] = {}
     by_name: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        cls = _REPLACE.get(type(mod))
-        if cls is None:
-            if isinstance(mod, S2H_LAYER_TYPES):
-                by_name[name] = mod
+        if isinstance(mod, S2H_LAYER_TYPES):
+            by_name[name] = mod
             continue
-        if cls is S2HLayerNorm and (name not in grouped_norms or len(mod.normalized_shape) != 1):
+        if mod in new_of:
+            by_name[name] = new_of[mod]
             continue
-        new = cls.from_module(mod)
+        kind = layer_kind(mod)
+        if kind is None:
+            continue
+        if kind in ("ln", "ln2d") and (name not in grouped_norms or len(mod.normalized_shape) != 1):
+            continue
+        new = _REPLACE[kind].from_module(mod)
+        if type(mod) is not _PLAIN[kind]:  # a subclass (timm's): exported as the user's class
+            new.keep_plain_type(mod, post=("drop", "act") if kind == "bnact2d" else ())
         new_of[mod] = new
         by_name[name] = new
     swap_modules(model, new_of)
     return by_name
+
+
+def _check_output(out) -> None:
+    if isinstance(out, torch.Tensor):
+        return
+    what = type(out).__name__
+    raise ModelOutputError(
+        f"s2h.convert: the model returns a {what}, not one tensor. s2h.convert traces the channels that "
+        "reach the output and the S2H trainer computes its loss on the logits, so the model must return one "
+        "tensor of logits. Wrap it so that it does, e.g. s2h.models.SelectOutput(model, 0) for a tuple "
+        "(or SelectOutput(model, 'logits') for a dict), and convert the wrapper.")
 
 
 def _check_args(model, target_flops, divisor, temperature, hard_width):
@@ -50,7 +74,7 @@ def _check_args(model, target_flops, divisor, temperature, hard_width):
         raise TypeError(f"s2h.convert: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, S2HModel):
         raise ValueError("s2h.convert: the model is already an S2HModel")
-    if type(model) in _REPLACE:
+    if layer_kind(model) is not None:
         raise ValueError("s2h.convert: the model is a single layer; wrap it in a network")
     if not (isinstance(target_flops, (int, float)) and 0.0 < float(target_flops) <= 1.0):
         raise ValueError(f"s2h.convert: target_flops must be a fraction in (0, 1], got {target_flops!r}")
@@ -118,8 +142,12 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     * ``strict``: raise on the first dependency group S2H cannot prune (instead of leaving it
       dense and listing it in ``model.report()``).
 
-    Raises a ValueError naming the module for a layer S2H cannot prune, and a RuntimeError naming
-    the module for a model that cannot be traced.
+    Every dependency group S2H supports is pruned; the others are left dense and listed, with the
+    reason, in the conversion report (``s2h.structured.report.report_of(model)``, ``config["report"]``).
+    The FLOPs are the whole model's; a warning says so when ``target_flops`` is below the lowest
+    reachable fraction. ``strict=True`` raises a ValueError naming the module instead, on the first
+    group S2H cannot prune. A model that cannot be traced raises a RuntimeError naming the module; a
+    model that does not return one tensor a TypeError.
     """
     _check_args(model, target_flops, divisor, temperature, hard_width)
     inputs = _example_tuple(example_inputs)
@@ -128,7 +156,10 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
         model = copy.deepcopy(model)
     ignored, _ = _resolve_ignored(model, ignored_names or None)
     plan = attention.prepare(model, ignored, divisor)  # Transformers: S2H attention, head groups
-    groups = plan.merge(model, find_groups(model, inputs, ignored + plan.ignored, divisor))
+    kept: list[KeptGroup] = []
+    found = find_groups(model, inputs, ignored + plan.ignored, divisor, strict=strict, kept=kept,
+                        check_output=_check_output)
+    groups = plan.merge(model, found)
     if reorder:
         reorder_channels(model, groups)
     per_mod = _channel_specs(groups)
@@ -150,7 +181,7 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
         "groups": [[g.name, g.channels] for g in groups],
     }
     try:
-        s2h_model = _wrap(model, inputs, plan, groups, state, config)
+        s2h_model = _wrap(model, inputs, plan, groups, kept, state, config)
     finally:
         for m, t in modes.items():
             m.training = t
@@ -168,7 +199,7 @@ def _channel_specs(groups) -> dict[str, dict]:
                 d["out"].append(m.segment)
                 if m.kind != "norm" and not g.has_norm:
                     d["soft_out"] = True
-            if m.kind == "in":
+            if m.kind in ("in", "gin"):
                 d["in"].append(m.segment)
     return per_mod
 
@@ -192,12 +223,34 @@ def _bind_layers(layers: dict[str, nn.Module], per_mod: dict, groups, state: Mas
         layer.bind(state, in_spec, out_spec, d["soft_out"], mask_group)
 
 
-def _wrap(model: nn.Module, inputs, plan, groups, state: MaskState, config: dict) -> S2HModel:
-    """Per-layer costs from one dense forward (eval, no grad), the S2HModel, a hard forward as a smoke test."""
+def _wrap(model: nn.Module, inputs, plan, groups, kept, state: MaskState, config: dict) -> S2HModel:
+    """Per-layer costs from one dense forward (eval, no grad), the S2HModel, a hard forward as a smoke test.
+
+    The MACs FlopCounterMode counts outside the S2H layers (layers S2H does not replace, matmuls of
+    attention it does not know) are one fixed cost, so the FLOPs target is over the whole model.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
     batch = inputs[0].shape[0]
     model.eval()
-    with torch.no_grad(), trace_errors(model, "the dense forward"):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), trace_errors(model, "the dense forward"), counter:
         costs = plan.record_costs(model, lambda: model(*inputs), batch, groups)  # + attention matmuls
+    table = FlopsTable(costs, len(groups))
+    dense_w = torch.tensor([g.channels for g in groups], dtype=torch.float64)
+    counted = float((table.coef * (table.a_in @ dense_w + table.c_in) * (table.a_out @ dense_w + table.c_out)).sum())
+    other = counter.get_total_flops() / 2.0 / batch - counted
+    if other > 0.5:
+        costs.append(LayerCost("<other layers>", other, None, None, 1, 1))
+        table = FlopsTable(costs, len(groups))
+    report = build_report(groups, kept, costs, table, lambda w: flops_of(w, **table.tensors()),
+                          config["target_flops"])
+    config["report"] = report.as_dict()
+    if not report.reachable:
+        warnings.warn(f"s2h.convert: target_flops={config['target_flops']} is not reachable: with the dependency "
+                      f"groups S2H can prune, the lowest FLOPs is {100 * report.min_fraction:.1f}% of the dense "
+                      "model's (see model.report() / s2h.structured.report.report_of(model) for the groups "
+                      "left dense and why)", stacklevel=3)
     s2h_model = S2HModel(model, groups, state, costs, config)
     with torch.no_grad():
         s2h_model.update_masks()

@@ -7,8 +7,9 @@ activations, pooling and bias additions are not counted (FlopCounterMode does no
 either).
 
 Per layer ``l`` with input width ``a_l`` and output width ``b_l`` (channels, or features for a
-linear): ``F_l = coef_l · a_l · b_l`` where ``coef_l = kh·kw·H_out·W_out`` for a conv (times the
-input channels per group of a grouped conv, with ``a_l = 1``; a depthwise conv has ``a_l = 1``)
+linear): ``F_l = coef_l · a_l · b_l`` where ``coef_l = kh·kw·H_out·W_out`` for a conv (divided by
+the groups of a grouped conv: each output channel reads ``a_l / groups`` inputs; a depthwise conv
+has ``a_l = 1``)
 and the number of tokens per sample for a linear. Widths are affine in the group widths:
 ``a = A_in @ widths + c_in`` (``A`` counts how many entries of the dimension each group channel
 fills: 1, or ``H·W`` behind a flatten), so ``F = Σ coef · a · b`` is bilinear in adjacent groups'
@@ -35,7 +36,7 @@ class LayerCost:
     coef: float  # MACs per (input entry x output entry), summed over calls, per sample
     in_spec: ChannelSpec | None
     out_spec: ChannelSpec | None
-    in_size: int  # full input width (1 for depthwise/grouped: folded into coef)
+    in_size: int  # full input width (1 for depthwise: folded into coef)
     out_size: int
 
 
@@ -46,9 +47,9 @@ def record_layer_costs(model: nn.Module, run, batch: int) -> list[LayerCost]:
     def hook(mod, inp, out):
         if isinstance(mod, S2HConv2d):
             kh, kw = mod.kernel_size
-            c = kh * kw * out.shape[-2] * out.shape[-1]
+            c = kh * kw * out.shape[-2] * out.shape[-1] * out.shape[0] / batch
             if mod.groups > 1 and not mod.depthwise:
-                c *= mod.in_channels // mod.groups
+                c /= mod.groups  # out_channels x (in_channels / groups) per position
         else:
             c = out.numel() // (out.shape[-1] * batch)
         coefs[mod] = coefs.get(mod, 0.0) + float(c)
@@ -64,9 +65,8 @@ def record_layer_costs(model: nn.Module, run, batch: int) -> list[LayerCost]:
         if mod not in coefs:
             continue
         if isinstance(mod, S2HConv2d):
-            grouped = mod.groups > 1
-            in_size = 1 if grouped else mod.in_channels
-            in_spec = None if grouped else mod.in_spec
+            in_size = 1 if mod.depthwise else mod.in_channels
+            in_spec = None if mod.depthwise else mod.in_spec
             costs.append(LayerCost(name, coefs[mod], in_spec, mod.out_spec, in_size, mod.out_channels))
         else:
             costs.append(LayerCost(name, coefs[mod], mod.in_spec, mod.out_spec, mod.in_features, mod.out_features))

@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLayerNorm, S2HLinear
+from .kinds import LAYER_NORM_KINDS, NORM_KINDS, layer_kind, type_name
 from .masks import Segment
 
-__all__ = ["GroupInfo", "Member", "find_groups", "reorder_channels", "trace_errors"]
+__all__ = ["GroupInfo", "KeptGroup", "Member", "ModelOutputError", "UnsupportedGroup", "find_groups", "reorder_channels", "trace_errors"]
 
 
 @dataclass
@@ -75,8 +75,9 @@ def _tp():
 
 
 @contextlib.contextmanager
-def trace_errors(model: nn.Module, what: str):
-    """Re-raise an exception from a forward as an error naming the module that was running."""
+def trace_errors(model: nn.Module, what: str, passthrough: tuple[type, ...] = ()):
+    """Re-raise an exception from a forward as an error naming the module that was running
+    (exceptions of the ``passthrough`` types propagate unchanged)."""
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -91,20 +92,43 @@ def trace_errors(model: nn.Module, what: str):
     handles += [m.register_forward_hook(post) for m in model.modules()]
     try:
         yield
+    except passthrough:
+        raise
     except Exception as e:
-        where = f"module '{stack[-1] or '<root>'}' ({type(model.get_submodule(stack[-1])).__name__})" if stack else "the model"
+        where = f"module '{stack[-1] or '<root>'}' ({type_name(model.get_submodule(stack[-1]))})" if stack else "the model"
         raise RuntimeError(f"s2h.convert: {what} failed in {where}: {type(e).__name__}: {e}") from e
     finally:
         for h in handles:
             h.remove()
 
 
-def _unsupported(name: str, module: Any, root: str, reason: str) -> ValueError:
-    return ValueError(
-        f"s2h.convert: module '{name}' ({type(module).__name__}) is in the dependency group rooted at "
-        f"'{root}', and S2H cannot prune it: {reason}. Pass '{root}' in ignored_layers to leave that "
-        "group unpruned."
-    )
+class ModelOutputError(TypeError):
+    """The model's output is not what s2h.convert needs (raised by ``check_output``, never wrapped)."""
+
+
+class UnsupportedGroup(ValueError):
+    """A dependency group S2H cannot prune: ``root`` names the group, ``reason`` says why (one line)."""
+
+    def __init__(self, message: str, root: str, reason: str, module: str | None = None):
+        super().__init__(message)
+        self.root, self.reason, self.module = root, reason, module
+
+
+@dataclass
+class KeptGroup:
+    """A dependency group left dense (``s2h.convert(strict=False)``): why, and its modules."""
+
+    root: str
+    channels: int
+    reason: str
+    modules: list[str] = field(default_factory=list)
+
+
+def _unsupported(name: str, module: Any, root: str, reason: str) -> UnsupportedGroup:
+    return UnsupportedGroup(
+        f"s2h.convert: module '{name}' ({type_name(module)}) is in the dependency group rooted at "
+        f"'{root}', and S2H cannot prune it: {reason}. Pass '{root}' in ignored_layers (or strict=False) "
+        "to leave that group unpruned.", root, f"'{name}' ({type_name(module)}): {reason}", name)
 
 
 def _segment(name, module, root, channels, idxs, root_idxs) -> Segment:
@@ -124,72 +148,67 @@ def _segment(name, module, root, channels, idxs, root_idxs) -> Segment:
     return Segment(group=-1, start=start, channels=channels, repeat=repeat)
 
 
-def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
-                divisor: int = 1) -> list[GroupInfo]:
-    """Trace ``model`` with Torch-Pruning and return its prunable dependency groups.
-
-    Groups reaching the model's output (the classifier's output channels) and groups containing
-    an ignored layer's output channels are left out; the network input has no producer, so it is
-    never in a group. The model's train/eval mode and ``requires_grad`` flags are restored.
-    """
+def _trace(model: nn.Module, inputs, check_output) -> Any:
     tp = _tp()
-    names = {m: n for n, m in model.named_modules()}
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+    def forward(m, x):
+        out = m(*x)
+        if check_output is not None:
+            check_output(out)
+        return out
+
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        with torch.enable_grad(), trace_errors(model, "tracing with Torch-Pruning"):
-            dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=inputs, forward_fn=lambda m, x: m(*x), verbose=False)
-        raw = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
-                                     root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+        with torch.enable_grad(), trace_errors(model, "tracing with Torch-Pruning", passthrough=(ModelOutputError,)):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=inputs, forward_fn=forward,
+                                                         verbose=False)
     finally:
         for m, t in modes.items():
             m.training = t
         for p, g in grads.items():
             p.requires_grad_(g)
 
-    ops = tp.ops
-    fine_ops = (ops._ElementWiseOp, ops._ReshapeOp, ops._ConcatOp)
+
+def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
+                divisor: int = 1, strict: bool = True, kept: list[KeptGroup] | None = None,
+                check_output=None) -> list[GroupInfo]:
+    """Trace ``model`` with Torch-Pruning and return its prunable dependency groups.
+
+    Groups reaching the model's output (the classifier's output channels) and groups containing
+    an ignored layer's output channels are left out; the network input has no producer, so it is
+    never in a group. A group S2H cannot prune raises an :class:`UnsupportedGroup` (``strict``) or
+    is appended to ``kept`` and left dense. The model's train/eval mode and ``requires_grad`` flags
+    are restored. ``check_output(out)`` is called on the traced forward's output.
+    """
+    tp = _tp()
+    names = {m: n for n, m in model.named_modules()}
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    dg = _trace(model, inputs, check_output)
+    raw = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
+                                 root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+    fine_ops = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp)
     order = {n: i for i, n in enumerate(names.values())}
     groups: list[GroupInfo] = []
     for g in raw:
-        root_mod = g[0].dep.target.module
-        root = names.get(root_mod, str(root_mod))
+        root = names.get(g[0].dep.target.module, str(g[0].dep.target.module))
         channels = len(g[0].idxs)
         if any(_reaches_output(dg, item.dep, fine_ops) for item in g.items):
             continue  # the group's channels are (part of) the model's output: never pruned
-        members: dict[tuple[str, str], Member] = {}
-        for item in g.items:
-            dep = item.dep
-            mod = dep.target.module
-            if isinstance(mod, fine_ops):
-                continue
-            if isinstance(mod, (ops._SplitOp, ops._SliceOp, ops._UnbindOp, ops._ExpandOp)):
-                raise ValueError(
-                    f"s2h.convert: the dependency group rooted at '{root}' passes through a "
-                    f"{type(mod).__name__.strip('_').replace('Op', '').lower()} of the channel dimension "
-                    "(torch.split/chunk/unbind/slicing/expand), which a prefix of channels cannot follow. "
-                    f"Pass '{root}' in ignored_layers to leave that group unpruned.")
-            name = names.get(mod, None)
-            if isinstance(mod, nn.Parameter) or name is None:
-                raise _unsupported(dg._param_to_name.get(mod, str(type(mod).__name__)), mod, root,
-                                   "a bare nn.Parameter (or an unknown op) holds the group's channels")
-            kind = _member_kind(name, mod, root, dg.is_out_channel_pruning_fn(dep.handler))
-            seg = _segment(name, mod, root, channels, item.idxs, item.root_idxs)
-            key = (name, kind)
-            if key in members:
-                continue
-            members[key] = Member(module=name, kind=kind, segment=seg)
-        d = _group_divisor(channels, divisor)
-        if channels // d < 2:
-            continue  # a single bucket: nothing to choose
-        mem = sorted(members.values(), key=lambda m: order[m.module])
-        # named after its first producer in module order (the stem conv, a block's first conv, ...)
-        gname = next(m.module for m in mem if m.kind in ("out", "depthwise"))
-        groups.append(GroupInfo(name=gname, channels=channels, divisor=d, members=mem))
+        try:
+            info = _group_info(dg, g, names, root, channels, divisor, fine_ops, order)
+        except UnsupportedGroup as e:
+            if strict:
+                raise
+            mods = sorted({names[i.dep.target.module] for i in g.items if i.dep.target.module in names},
+                          key=lambda n: order[n])
+            if kept is not None:
+                kept.append(KeptGroup(root, channels, e.reason, mods))
+            continue
+        if info is not None:
+            groups.append(info)
     groups.sort(key=lambda g: order[g.name])
     for gi, g in enumerate(groups):
         for m in g.members:
@@ -197,23 +216,77 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
     return groups
 
 
+def _group_info(dg, g, names, root, channels, divisor, fine_ops, order) -> GroupInfo | None:
+    """The GroupInfo of one Torch-Pruning group (None: one bucket), or an UnsupportedGroup."""
+    ops = _tp().ops
+    members: dict[tuple[str, str], Member] = {}
+    conv_groups = 1  # lcm of the grouped convolutions' groups: the group is folded by it
+    for item in g.items:
+        dep = item.dep
+        mod = dep.target.module
+        if isinstance(mod, fine_ops):
+            continue
+        if isinstance(mod, (ops._SplitOp, ops._SliceOp, ops._UnbindOp, ops._ExpandOp)):
+            what = type(mod).__name__.strip("_").replace("Op", "").lower()
+            raise UnsupportedGroup(
+                f"s2h.convert: the dependency group rooted at '{root}' passes through a {what} of the channel "
+                "dimension (torch.split/chunk/unbind/slicing/expand), which a prefix of channels cannot follow. "
+                f"Pass '{root}' in ignored_layers (or strict=False) to leave that group unpruned.",
+                root, f"a {what} of the channels (torch.split/chunk/unbind/slicing/expand)")
+        name = names.get(mod, None)
+        if isinstance(mod, nn.Parameter) or name is None:
+            pname = dg._param_to_name.get(mod, type(mod).__name__)
+            raise _unsupported(pname, mod, root, "a bare nn.Parameter (or an unknown op) holds the group's channels")
+        kind = _member_kind(name, mod, root, dg.is_out_channel_pruning_fn(dep.handler))
+        if kind in ("out", "gin") and getattr(mod, "groups", 1) > 1:
+            conv_groups = math.lcm(conv_groups, mod.groups)
+        seg = _segment(name, mod, root, channels, item.idxs, item.root_idxs)
+        members.setdefault((name, kind), Member(module=name, kind=kind, segment=seg))
+    mem = sorted(members.values(), key=lambda m: order[m.module])
+    if conv_groups > 1:
+        if channels % conv_groups:
+            raise UnsupportedGroup(f"s2h.convert: group '{root}': {channels} channels do not split over "
+                                   f"{conv_groups} convolution groups", root,
+                                   f"{channels} channels do not split over {conv_groups} convolution groups")
+        mem, channels = _fold(mem, conv_groups), channels // conv_groups
+    d = _group_divisor(channels, divisor)
+    if channels // d < 2:
+        return None  # a single bucket: nothing to choose
+    # named after its first producer in module order (the stem conv, a block's first conv, ...)
+    gname = next(m.module for m in mem if m.kind in ("out", "depthwise"))
+    return GroupInfo(name=gname, channels=channels, divisor=d, members=mem)
+
+
+def _fold(members: list[Member], parts: int) -> list[Member]:
+    """Each member's segment split in ``parts`` equal segments: channel j of the folded group is
+    channel j of every convolution group (the same channels pruned in every group)."""
+    out = []
+    for m in members:
+        s = m.segment
+        c = s.channels // parts
+        out += [Member(m.module, m.kind, Segment(-1, s.start + i * c * s.repeat, c, s.repeat)) for i in range(parts)]
+    return out
+
+
 def _member_kind(name: str, mod: nn.Module, root: str, is_out: bool) -> str:
-    """"out", "in", "depthwise" or "norm"; an error naming the module for a layer S2H cannot prune."""
-    t = type(mod)  # exact types: a subclass may compute something else in its forward
-    if t in (nn.Conv2d, S2HConv2d):
+    """"out", "in", "gin" (a grouped conv's input), "depthwise" or "norm"; an UnsupportedGroup otherwise."""
+    kind = layer_kind(mod)
+    if kind == "conv2d":
         depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-        if mod.groups > 1 and not depthwise:
-            raise _unsupported(name, mod, root, f"grouped convolution (groups={mod.groups}) that is not depthwise")
-        return "depthwise" if depthwise else ("out" if is_out else "in")
-    if t in (nn.Linear, S2HLinear):
+        if depthwise:
+            return "depthwise"
+        if is_out:
+            return "out"
+        return "gin" if mod.groups > 1 else "in"
+    if kind == "linear":
         return "out" if is_out else "in"
-    if t in (nn.BatchNorm1d, nn.BatchNorm2d, S2HBatchNorm1d, S2HBatchNorm2d):
-        return "norm"
-    if t in (nn.LayerNorm, S2HLayerNorm):
-        if len(mod.normalized_shape) != 1:
+    if kind in NORM_KINDS:
+        if kind in LAYER_NORM_KINDS and len(mod.normalized_shape) != 1:
             raise _unsupported(name, mod, root, "LayerNorm over more than one dimension")
         return "norm"
-    raise _unsupported(name, mod, root, "no S2H replacement exists for this layer type")
+    if isinstance(mod, nn.GroupNorm):
+        raise _unsupported(name, mod, root, "GroupNorm normalises over groups of channels; pruning them is not exact")
+    raise _unsupported(name, mod, root, "no S2H replacement exists for this layer type (or it overrides forward)")
 
 
 def _reaches_output(dg, dep, fine_ops) -> bool:
@@ -239,6 +312,7 @@ _PARAMS_BY_KIND = {
     "out": (("weight", 0), ("bias", 0)),
     "depthwise": (("weight", 0), ("bias", 0)),
     "in": (("weight", 1),),
+    "gin": (("weight", 1),),  # a grouped conv: axis 1 holds one convolution group's channels
     "norm": (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)),
 }
 
@@ -271,6 +345,10 @@ def reorder_channels(model: nn.Module, groups: Sequence[GroupInfo]) -> list[torc
         for m in g.members:
             mod = model.get_submodule(m.module)
             s = m.segment
+            if m.kind == "gin":  # the same permutation in every convolution group: apply it once
+                per_group = mod.in_channels // mod.groups
+                if s.start >= per_group:
+                    continue
             for attr, axis in _PARAMS_BY_KIND[m.kind]:
                 t = getattr(mod, attr, None)
                 if t is None:

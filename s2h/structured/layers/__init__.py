@@ -7,9 +7,9 @@ active branch) and knows its plain module (``to_plain``), which is all export ne
 from .base import S2HLayer, adopt, device_of, swap_modules
 from .conv import S2HConv2d
 from .linear import S2HLinear
-from .norm import S2HBatchNorm, S2HBatchNorm1d, S2HBatchNorm2d, S2HLayerNorm
+from .norm import S2HBatchNorm, S2HBatchNorm1d, S2HBatchNorm2d, S2HLayerNorm, S2HLayerNorm2d
 
-S2H_LAYER_TYPES = (S2HConv2d, S2HLinear, S2HBatchNorm1d, S2HBatchNorm2d, S2HLayerNorm)
+S2H_LAYER_TYPES = (S2HConv2d, S2HLinear, S2HBatchNorm1d, S2HBatchNorm2d, S2HLayerNorm)  # S2HLayerNorm2d included
 
 __all__ = ["S2HLayer", "S2HConv2d", "S2HLinear", "S2HBatchNorm", "S2HBatchNorm1d", "S2HBatchNorm2d",
-           "S2HLayerNorm", "S2H_LAYER_TYPES", "adopt", "device_of", "swap_modules"]
+           "S2HLayerNorm", "S2HLayerNorm2d", "S2H_LAYER_TYPES", "adopt", "device_of", "swap_modules"]

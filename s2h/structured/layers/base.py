@@ -44,6 +44,39 @@ class S2HLayer:
         #: apply the soft mask on this layer's own output channels (its group has no norm layer)
         self.soft_out = False
         self.mask_state: MaskState | None = None
+        self.plain_type: type | None = None  # export as this subclass of the plain layer (keep_plain_type)
+        self.post: tuple[str, ...] = ()
+
+    def keep_plain_type(self, orig: nn.Module, post: tuple[str, ...] = ()) -> None:
+        """Export as ``type(orig)`` (a subclass of the plain layer, e.g. timm's ``LayerNorm``).
+
+        The attributes ``orig`` has beyond the S2H layer's (timm's ``_fast_norm``) are carried to
+        the plain module; ``post``: submodules of ``orig`` applied after the layer (timm
+        ``BatchNormAct2d``'s ``drop`` and ``act``), adopted as submodules of this layer.
+        """
+        self.plain_type = type(orig)
+        self.plain_extra = {k: v for k, v in vars(orig).items() if k not in vars(self) and not k.startswith("__")}
+        self.post = tuple(post)
+        for name in post:
+            self._modules[name] = orig._modules[name]
+
+    def apply_post(self, y):
+        """The submodules of ``post`` (activation, drop) applied to the layer's output."""
+        for name in getattr(self, "post", ()):
+            y = self._modules[name](y)
+        return y
+
+    def as_plain_type(self, new: nn.Module) -> nn.Module:
+        """``new`` (a plain torch.nn layer) as an instance of the replaced layer's own class."""
+        plain_type = getattr(self, "plain_type", None)
+        if plain_type is None or plain_type is type(new):
+            return new
+        for k, v in self.plain_extra.items():
+            new.__dict__.setdefault(k, v)
+        for name in self.post:
+            new._modules[name] = self._modules[name]
+        new.__class__ = plain_type
+        return new
 
     def bind(self, state: MaskState | None, in_spec: ChannelSpec | None, out_spec: ChannelSpec | None,
              soft_out: bool = False, mask_group: str | None = None) -> None:

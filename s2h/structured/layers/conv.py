@@ -17,9 +17,13 @@ __all__ = ["S2HConv2d", "NarrowConv2d", "NARROW_CHANNELS", "narrow_conv_applies"
 class S2HConv2d(S2HLayer, nn.Conv2d):
     """``nn.Conv2d`` with soft / hard / dense branches. Same constructor plus ``mask_group``.
 
-    Supports ``groups == 1`` and depthwise convolutions (``groups == in_channels == out_channels``);
-    the hard branch of a depthwise conv keeps ``k`` channels and ``k`` groups.
+    Supports ``groups == 1``, depthwise convolutions (``groups == in_channels == out_channels``;
+    the hard branch keeps ``k`` channels and ``k`` groups) and grouped convolutions whose channel
+    groups prune the same channels in every convolution group (s2h.convert folds them so): the hard
+    branch keeps ``groups`` groups of ``k_in / groups`` input channels each.
     """
+
+    s2h_kind = "conv2d"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, mask_group=None):
@@ -51,7 +55,14 @@ class S2HConv2d(S2HLayer, nn.Conv2d):
         b = take(self.bias, 0, sel_out)
         if self.depthwise:
             return w, b, w.shape[0]
-        return take(w, 1, self.kept(self.in_spec, dev)), b, self.groups
+        return self._take_in(w, self.kept(self.in_spec, dev), self.mask_state.keep_list), b, self.groups
+
+    def _take_in(self, w, sel_in, keep):
+        """``w`` restricted to the kept input channels (per convolution group for a grouped conv)."""
+        if self.groups == 1 or self.in_spec is None:
+            return take(w, 1, sel_in)
+        per_group = self.in_spec.kept_size(keep) // self.groups  # the same channels of every group
+        return w.narrow(1, 0, per_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         br = self.active_branch()
@@ -96,7 +107,7 @@ class S2HConv2d(S2HLayer, nn.Conv2d):
             groups = cin = w.shape[0]
         else:
             groups = self.groups
-            w = take(w, 1, sel_in)
+            w = self._take_in(w, sel_in, keep)
             cin = w.shape[1] * groups
         new = nn.Conv2d(cin, w.shape[0], self.kernel_size, self.stride, self.padding, self.dilation, groups,
                         b is not None, self.padding_mode, device=w.device, dtype=w.dtype)
@@ -104,7 +115,7 @@ class S2HConv2d(S2HLayer, nn.Conv2d):
         if b is not None:
             new.bias.copy_(b)
         new.train(self.training)
-        return new
+        return self.as_plain_type(new)
 
 
 # Narrow hard convolutions. On the CPU, oneDNN's backward-data kernel for convolutions with fewer

@@ -22,6 +22,8 @@ PAIR_BACKENDS = (None, "triton", "cpu")
 class S2HLinear(S2HLayer, nn.Linear):
     """``nn.Linear`` with soft / hard / dense branches. Same constructor plus ``mask_group``."""
 
+    s2h_kind = "linear"
+
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, mask_group=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.s2h_init(mask_group)
@@ -100,4 +102,4 @@ class S2HLinear(S2HLayer, nn.Linear):
         if b is not None:
             new.bias.copy_(b)
         new.train(self.training)
-        return new
+        return self.as_plain_type(new)

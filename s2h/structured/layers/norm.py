@@ -10,7 +10,7 @@ from torch import nn
 from ..masks import take
 from .base import S2HLayer, adopt, device_of
 
-__all__ = ["S2HBatchNorm", "S2HBatchNorm1d", "S2HBatchNorm2d", "S2HLayerNorm", "STAT_NAMES"]
+__all__ = ["S2HBatchNorm", "S2HBatchNorm1d", "S2HBatchNorm2d", "S2HLayerNorm", "S2HLayerNorm2d", "STAT_NAMES"]
 
 STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -82,16 +82,16 @@ class S2HBatchNorm(S2HLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         br = self.active_branch()
         if br == "dense":
-            return self._bn(x, "dense", None, None)
+            return self.apply_post(self._bn(x, "dense", None, None))
         self.mask_state.require(br, self)
         if br == "soft":
-            return self._bn(x, "soft", None, self.soft_vector(self.out_spec))
-        return self._bn(x, "hard", self.kept(self.out_spec, x.device), None)
+            return self.apply_post(self._bn(x, "soft", None, self.soft_vector(self.out_spec)))
+        return self.apply_post(self._bn(x, "hard", self.kept(self.out_spec, x.device), None))
 
     def forward_pair(self, x_soft, x_hard):
         self.mask_state.require("paired", self)
-        return (self._bn(x_soft, "soft", None, self.soft_vector(self.out_spec)),
-                self._bn(x_hard, "hard", self.kept(self.out_spec, x_hard.device), None))
+        return (self.apply_post(self._bn(x_soft, "soft", None, self.soft_vector(self.out_spec))),
+                self.apply_post(self._bn(x_hard, "hard", self.kept(self.out_spec, x_hard.device), None)))
 
     @torch.no_grad()
     def to_plain(self, keep: Sequence[int]) -> nn.Module:
@@ -110,11 +110,13 @@ class S2HBatchNorm(S2HLayer):
             new.running_var.copy_(take(rv, 0, sel_out))
             new.num_batches_tracked.copy_(nbt)
         new.train(self.training)
-        return new
+        return self.as_plain_type(new)
 
 
 class S2HBatchNorm2d(S2HBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with per-branch running statistics and the soft mask on its affine."""
+
+    s2h_kind = "bn2d"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, mask_group=None):
@@ -126,6 +128,8 @@ class S2HBatchNorm2d(S2HBatchNorm, nn.BatchNorm2d):
 class S2HBatchNorm1d(S2HBatchNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` with per-branch running statistics and the soft mask on its affine."""
 
+    s2h_kind = "bn1d"
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, mask_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
@@ -135,6 +139,8 @@ class S2HBatchNorm1d(S2HBatchNorm, nn.BatchNorm1d):
 
 class S2HLayerNorm(S2HLayer, nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension; the hard branch normalises over the kept channels."""
+
+    s2h_kind = "ln"
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
                  dtype=None, mask_group=None):
@@ -189,4 +195,17 @@ class S2HLayerNorm(S2HLayer, nn.LayerNorm):
         if self.bias is not None:
             new.bias.copy_(take(self.bias, 0, sel_out))
         new.train(self.training)
-        return new
+        return self.as_plain_type(new)
+
+
+class S2HLayerNorm2d(S2HLayerNorm):
+    """A LayerNorm over the channels of ``[B, C, H, W]`` (ConvNeXt's ``LayerNorm2d``, torchvision and timm)."""
+
+    s2h_kind = "ln2d"
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_pair(self, x_soft, x_hard):
+        ys, yh = super().forward_pair(x_soft.permute(0, 2, 3, 1), x_hard.permute(0, 2, 3, 1))
+        return ys.permute(0, 3, 1, 2), yh.permute(0, 3, 1, 2)
