@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "HelpFormatter", "build_parser", "main"]
 
 #: name -> (module, help, description)
 COMMANDS = {
@@ -23,6 +23,17 @@ COMMANDS = {
     "demo": ("s2h.cli.demo", "the main job: S2H on the bundled digits, offline in minutes",
              "S2HPruner on scikit-learn's digits next to a dense baseline: accuracy, FLOPs, parameters, latency."),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: argparse's ``(default: X)`` unless the help states it already
+    or there is none to show (None, a flag's False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, [], ()) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _lazy(module: str):
@@ -39,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_, description) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(func=_lazy(module))
     return parser

@@ -13,8 +13,11 @@ the soft-hard gap as KL and JS on the test split, LR, wall time, keep counts); `
 written atomically (model incl. masks and per-branch BN statistics, both optimizers, the LR
 scheduler, the step counter, RNG states, the log so far). ``--resume`` continues so that the run
 ends bit-identical to an uninterrupted one: every epoch draws its data order and its augmentation
-RNG from ``(seed, epoch)`` alone. At the end: ``pruned.pt`` (the exported hard model, ``s2h.load``
-rebuilds it from the architecture and the saved widths), ``s2h_model.pt``, ``trajectory.png``
+RNG from ``(seed, epoch)`` alone; ``--resume --epochs N`` with a larger N extends a run (the LR
+follows an N-epoch schedule from there). At the end: ``pruned.pt`` (the exported hard model) and
+``s2h_model.pt`` (the S2HModel: masks, both branches), both read back by ``s2h.load(path)`` (they
+record the ``s2h.models.build_model`` arguments), ``convert_report.txt`` (what convert pruned and
+kept, when the model reports it), ``trajectory.png``
 (hard FLOPs and top-1 per epoch, the paper's Fig. 3), ``architecture.png`` (retained vs total
 channels per group, Fig. 4) and ``summary.json``.
 
@@ -33,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -171,18 +175,52 @@ def _make_optimizers(cfg: PruneConfig, model):
 
 def _check_resume(ck: dict, cfg: PruneConfig) -> None:
     old = ck["config"]
-    keys = ("model", "data", "target_flops", "batch_size", "epochs", "seed", "lr", "scheduler", "divisor",
+    keys = ("model", "data", "target_flops", "batch_size", "seed", "lr", "scheduler", "divisor",
             "resource_target", "ce_coef", "gap_coef",
             "hard_width", "balance", "ablate", "enable", "optimizer", "mask_optimizer", "mask_lr",
-            "max_train_samples", "num_classes", "image_size")
-    diff = [k for k in keys if _norm(old.get(k)) != _norm(getattr(cfg, k))]
+            "max_train_samples", "num_classes", "image_size", "ignore", "strict")
+    diff = [k for k in keys if _norm(old.get(k, PruneConfig.__dataclass_fields__[k].default))
+            != _norm(getattr(cfg, k))]
     if diff:
         raise ValueError("prune --resume: the checkpoint was written with different settings for "
                          + ", ".join(f"{k} ({old.get(k)!r} vs {getattr(cfg, k)!r})" for k in diff))
+    if cfg.epochs < int(ck["epoch"]):
+        raise ValueError(f"prune --resume: the checkpoint is after epoch {ck['epoch']}; --epochs {cfg.epochs} "
+                         "cannot shorten the run (a larger --epochs extends it)")
 
 
 def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _write_convert_report(cfg: PruneConfig, rank: int, out: Path, model) -> None:
+    """What convert pruned and what it kept dense (``model.report()``), printed and in OUT/convert_report.txt."""
+    report = getattr(model, "report", None)
+    if rank != 0 or not callable(report):
+        return
+    text = str(report())
+    atomic_write_text(out / "convert_report.txt", text + "\n")
+    _log(cfg, rank, text)
+
+
+def _make_out(out: Path) -> list[Path]:
+    """Create ``out`` (and missing parents); the folders this created, innermost first."""
+    created = []
+    p = out.resolve()
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """After a failed run: remove the folders it created, if nothing was written into them."""
+    for p in created:
+        try:
+            p.rmdir()  # only an empty folder
+        except OSError:
+            return
 
 
 def setup(cfg: PruneConfig) -> PruneJob:
@@ -200,7 +238,7 @@ def setup(cfg: PruneConfig) -> PruneJob:
         tune_cpu_allocator()
     out = Path(cfg.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # run() made it (and removes it if the run fails empty)
     barrier()
     train_ds, test_ds, n_cls, in_ch, size = load_datasets(cfg, rank)
     if len(train_ds) < cfg.batch_size:
@@ -210,8 +248,10 @@ def setup(cfg: PruneConfig) -> PruneJob:
     net = build_model(cfg.model, n_cls, in_ch, size, cfg.widths).to(device)
     example = torch.zeros(2, in_ch, size, size, device=device)
     model = convert(net, example, target_flops=cfg.target_flops, divisor=cfg.divisor,
-                    temperature=cfg.mask_temperature, hard_width=cfg.hard_width, inplace=True)
+                    temperature=cfg.mask_temperature, hard_width=cfg.hard_width, inplace=True,
+                    ignored_layers=list(cfg.ignore) or None, strict=cfg.strict)
     model.train()
+    _write_convert_report(cfg, rank, out, model)
     opt, mopt = _make_optimizers(cfg, model)
     pruner = S2HPruner(model, opt, mopt, ce_coef=cfg.ce_coef, gap_coef=cfg.gap_coef,
                        resource_coef=cfg.resource_coef, temperature=cfg.temperature, balance=cfg.balance,
@@ -235,23 +275,46 @@ def resume_from_checkpoint(job: PruneJob) -> None:
     _check_resume(ck, job.cfg)
     job.model.load_state_dict(ck["model"])
     job.pruner.load_state_dict(ck["trainer"])
+    fresh = job.sched.lr_lambdas
     job.sched.load_state_dict(ck["scheduler"])
+    # LambdaLR restores its LRSchedule's fields (total steps) from the checkpoint: keep this run's, so
+    # --resume --epochs N extends a run on the schedule of an N-epoch run
+    job.sched.lr_lambdas = fresh
     job.history = list(ck["history"])
     job.start_epoch = int(ck["epoch"])
     job.elapsed_before = float(ck.get("wall_time", 0.0))
     set_rng_state(ck["rng"])
     if job.rank == 0:
         atomic_write_text(job.log_path, "".join(json.dumps(h) + "\n" for h in job.history))
-    _log(job.cfg, job.rank, f"resumed from {ck_path} after epoch {job.start_epoch}")
+    extended = int(ck["config"].get("epochs", job.cfg.epochs)) != job.cfg.epochs
+    _log(job.cfg, job.rank, f"resumed from {ck_path} after epoch {job.start_epoch}"
+                            + (f" (extended to {job.cfg.epochs} epochs)" if extended else ""))
+
+
+def _stopped(job: PruneJob, e: NonFiniteLossError, ran: int, batches: int) -> TrainingStopped:
+    good = str(job.ck_path) if job.ck_path.is_file() else None
+    where = (f"the last good checkpoint is {good} (after epoch {job.start_epoch + ran})" if good
+             else "no checkpoint was written yet")
+    epoch, batch = divmod(e.step, job.steps_per_epoch)
+    return TrainingStopped(f"non-finite loss at step {e.step} (epoch {epoch + 1}, batch {batch + 1}/{batches}); "
+                           f"training stopped, {where}", e.step, good)
+
+
+#: the progress bar reads the step statistics (a device read) every this many steps
+POSTFIX_EVERY = 20
 
 
 def train_epoch(job: PruneJob, epoch: int, ran: int) -> tuple[dict, int, TrainingStopped | None]:
-    """One epoch of S2HPruner steps: (summed step statistics, steps, the stop on a non-finite loss or None)."""
+    """One epoch of S2HPruner steps: (summed step statistics, steps, the stop on a non-finite loss or None).
+
+    The statistics are summed on the device and read once at the end of the epoch (with the step
+    checks, so a bad step is reported before the epoch's checkpoint is written)."""
     cfg, rank = job.cfg, job.rank
     seed_epoch(cfg.seed, epoch, rank)
     loader = epoch_loader(job.train_ds, cfg.batch_size, cfg.seed, epoch, rank, job.world, cfg.num_workers,
                           job.device.type == "cuda")
-    sums = {"loss": 0.0, "acc": 0.0, "hard_acc": 0.0, "gap": 0.0}
+    keys = ("loss", "acc", "hard_acc", "gap")
+    sums = {k: torch.zeros((), dtype=torch.float64, device=job.device) for k in keys}
     n = 0
     bar = None
     if rank == 0 and cfg.progress and not cfg.quiet:
@@ -262,26 +325,24 @@ def train_epoch(job: PruneJob, epoch: int, ran: int) -> tuple[dict, int, Trainin
     try:
         for i, (x, y) in enumerate(loader):
             x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-            try:
-                last = job.pruner.step(x, y)
-            except NonFiniteLossError as e:
-                good = str(job.ck_path) if job.ck_path.is_file() else None
-                where = (f"the last good checkpoint is {good} (after epoch {job.start_epoch + ran})" if good
-                         else "no checkpoint was written yet")
-                return sums, n, TrainingStopped(f"non-finite loss at step {e.step} (epoch {epoch + 1}, batch {i + 1}/"
-                                                f"{len(loader)}); training stopped, {where}", e.step, good)
+            last = job.pruner.step(x, y)
             job.sched.step()
-            for k in sums:
-                sums[k] += last[k]
+            t = last.tensors
+            for k in keys:
+                sums[k] += t[k]
             n += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}",
-                                hard=f"{100 * last['hard_flops']:.1f}%", gap=f"{last['gap']:.4f}")
+                if i % POSTFIX_EVERY == 0:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}",
+                                    hard=f"{100 * last['hard_flops']:.1f}%", gap=f"{last['gap']:.4f}")
+        totals = dict(zip(keys, job.pruner.checks.read([sums[k] for k in keys])))
+    except NonFiniteLossError as e:
+        return {}, n, _stopped(job, e, ran, len(loader))
     finally:
         if bar is not None:
             bar.close()
-    return sums, n, None
+    return totals, n, None
 
 
 def end_epoch(job: PruneJob, epoch: int, sums: dict, n: int, epoch_time: float, t_start: float,
@@ -321,7 +382,17 @@ def end_epoch(job: PruneJob, epoch: int, sums: dict, n: int, epoch_time: float, 
 
 
 def run(cfg: PruneConfig, resume: bool = False) -> dict:
-    """Train and prune per ``cfg``; returns the summary (also written to ``OUT/summary.json``)."""
+    """Train and prune per ``cfg``; returns the summary (also written to ``OUT/summary.json``).
+    A run that fails before writing anything leaves no (empty) output folder behind."""
+    created = _make_out(Path(cfg.out)) if int(os.environ.get("RANK", "0")) == 0 else []
+    try:
+        return _run(cfg, resume)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _run(cfg: PruneConfig, resume: bool) -> dict:
     job = setup(cfg)
     if resume:
         resume_from_checkpoint(job)
@@ -369,8 +440,10 @@ def _finish(cfg, model, train_ds, test_ds, test_loader, device, rank, history, n
     final = evaluate(model, test_loader, device, branches=("soft", "hard"))
     pruned = model.export()
     exported_top1 = evaluate(pruned, test_loader, device)["top1"]
-    save(model, out / "s2h_model.pt")
-    save(pruned, out / "pruned.pt")
+    spec = {"name": cfg.model, "num_classes": n_cls, "in_channels": in_ch, "image_size": size,
+            "widths": list(cfg.widths) if cfg.widths else None}
+    save(model, out / "s2h_model.pt", spec=spec)  # s2h.load(path) rebuilds both without a factory
+    save(pruned, out / "pruned.pt", spec=spec)
     groups = [(g.name, g.channels, k) for g, k in zip(model.groups, model.keep_counts().values())]
     title = f"{cfg.model} on {cfg.data}, target {100 * cfg.target_flops:g}% FLOPs"
     plot_trajectory(history, out / "trajectory.png", cfg.target_flops, title)

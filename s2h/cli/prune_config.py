@@ -7,34 +7,38 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..data import DATASETS
-from ..structured.step_base import BALANCES, TERMS
+from ..structured.step_base import BALANCES, DEFAULTS, PAPER_SETTINGS, TERMS
 
 __all__ = ["PRESETS", "PruneConfig", "add_arguments", "config_from_args"]
 
 # ------------------------------------------------------------------------------------------------ presets
 
 #: The paper's training settings (Appendix A). ``batch_size`` is global (ImageNet: 512 over 4 GPUs).
-#: ViT/Swin (A1, A4): AdamW, lr 3e-3 / 1e-3, wd 0.05, 10 warm-up epochs, θ coefficients 1 and 1.
+#: These presets keep the paper's S2H settings too, which are not the package defaults: CNNs
+#: β = 0.5, γ = 5 (A4) and the resource loss on the expected FLOPs ("soft"); ViT/Swin (A1, A4):
+#: AdamW, lr 3e-3 / 1e-3, wd 0.05, 10 warm-up epochs, β = γ = 1, "soft".
+_PAPER_CNN = dict(PAPER_SETTINGS)
+_PAPER_VIT = dict(PAPER_SETTINGS, ce_coef=1.0, gap_coef=1.0)
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar100-resnet50": dict(data="cifar100", model="resnet50", epochs=500, batch_size=64, lr=0.05,
-                              weight_decay=3e-4, scheduler="cosine"),
+                              weight_decay=3e-4, scheduler="cosine", **_PAPER_CNN),
     "cifar100-mbv3": dict(data="cifar100", model="mobilenet_v3_large", epochs=500, batch_size=64, lr=0.05,
-                          weight_decay=3e-4, scheduler="cosine"),
+                          weight_decay=3e-4, scheduler="cosine", **_PAPER_CNN),
     "cifar100-wrn28-10": dict(data="cifar100", model="wrn28_10", epochs=200, batch_size=128, lr=0.1,
-                              weight_decay=5e-4, scheduler="cosine"),
+                              weight_decay=5e-4, scheduler="cosine", **_PAPER_CNN),
     "tiny-imagenet-resnet50": dict(data="tiny-imagenet", model="resnet50", epochs=500, batch_size=64, lr=0.1,
-                                   weight_decay=3e-4, scheduler="step", milestones=(250, 375)),
+                                   weight_decay=3e-4, scheduler="step", milestones=(250, 375), **_PAPER_CNN),
     "tiny-imagenet-mbv3": dict(data="tiny-imagenet", model="mobilenet_v3_large", epochs=500, batch_size=64,
-                               lr=0.1, weight_decay=3e-4, scheduler="step", milestones=(250, 375)),
+                               lr=0.1, weight_decay=3e-4, scheduler="step", milestones=(250, 375), **_PAPER_CNN),
     "tiny-imagenet-wrn28-10": dict(data="tiny-imagenet", model="wrn28_10", epochs=200, batch_size=128, lr=0.2,
-                                   weight_decay=1e-4, scheduler="step", milestones=(100, 150)),
+                                   weight_decay=1e-4, scheduler="step", milestones=(100, 150), **_PAPER_CNN),
     "imagenet-resnet50": dict(data="imagefolder", model="resnet50", epochs=200, batch_size=512, lr=0.2,
-                              weight_decay=1e-4, scheduler="cosine", image_size=224, num_workers=8),
+                              weight_decay=1e-4, scheduler="cosine", image_size=224, num_workers=8, **_PAPER_CNN),
     "cifar100-vit": dict(data="cifar100", model="vit_cifar", epochs=200, batch_size=128, optimizer="adamw", lr=3e-3,
-                         weight_decay=0.05, scheduler="cosine", warmup_epochs=10, ce_coef=1.0, gap_coef=1.0),
+                         weight_decay=0.05, scheduler="cosine", warmup_epochs=10, **_PAPER_VIT),
     "cifar100-swin": dict(data="cifar100", model="swin_cifar", epochs=200, batch_size=128, optimizer="adamw", lr=1e-3,
-                          weight_decay=0.05, scheduler="cosine", warmup_epochs=10, ce_coef=1.0, gap_coef=1.0),
-    # not from the paper: the CIFAR ResNet-56 used by this package's benchmarks
+                          weight_decay=0.05, scheduler="cosine", warmup_epochs=10, **_PAPER_VIT),
+    # not from the paper: the CIFAR ResNet-56 used by this package's benchmarks (package defaults)
     "cifar100-resnet56": dict(data="cifar100", model="resnet56", epochs=300, batch_size=64, lr=0.05,
                               weight_decay=3e-4, scheduler="cosine"),
 }
@@ -67,12 +71,12 @@ class PruneConfig:
     milestones: Sequence[int] = ()
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
-    mask_optimizer: str = "adam"
-    mask_lr: float = 0.02
-    ce_coef: float = 0.5
-    gap_coef: float = 5.0
-    resource_coef: float = 5.0
-    resource_target: str = "soft"
+    mask_optimizer: str = DEFAULTS["mask_optimizer"]
+    mask_lr: float = DEFAULTS["mask_lr"]
+    ce_coef: float = DEFAULTS["ce_coef"]
+    gap_coef: float = DEFAULTS["gap_coef"]
+    resource_coef: float = DEFAULTS["resource_coef"]
+    resource_target: str = DEFAULTS["resource_target"]
     temperature: float = 1.0
     balance: str = "paper"
     ablate: Sequence[str] = ()
@@ -92,6 +96,8 @@ class PruneConfig:
     latency: bool = False
     quiet: bool = False
     widths: Sequence[int] | None = None  # CIFAR ResNet stage widths (default 16, 32, 64)
+    ignore: Sequence[str] = ()  # module names left unpruned (convert's ignored_layers)
+    strict: bool = False  # convert(strict=True): refuse a model with a group S2H cannot prune
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -125,60 +131,75 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _d(name: str) -> str:
+    """`` (default: X)`` from :class:`PruneConfig`: the options default to None so that a preset can
+    fill them, and the help shows the value a run without preset gets, once."""
+    return f" (default: {getattr(PruneConfig, name)})"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the paper's settings (Appendix A); explicit options override them")
+                   help="the paper's settings (Appendix A, with its S2H coefficients); explicit options override them")
     p.add_argument("--out", required=True, help="output folder (log, checkpoint, pruned model, plots)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt; with a larger --epochs, extend a finished run")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="resnet20/32/44/56/110 (CIFAR), wrn28_10, small_cnn, vit_cifar, "
-                                                 "swin_cifar, or a torchvision model name (default resnet56)")
-    m.add_argument("--widths", type=int, nargs=3, default=None, help="stage widths of a CIFAR ResNet")
-    m.add_argument("--target-flops", type=_fraction, default=0.15, help="FLOPs budget, fraction of dense")
-    m.add_argument("--divisor", type=int, default=1, help="channels per mask bucket")
-    m.add_argument("--hard-width", choices=("threshold", "expected"), default="threshold")
-    m.add_argument("--mask-temperature", type=float, default=1.0, help="tau of the softmax over buckets")
+                                                 "swin_cifar, a torchvision model name, or timm:NAME" + _d("model"))
+    m.add_argument("--widths", type=int, nargs=3, default=None, help="stage widths of a CIFAR ResNet (default: 16 32 64)")
+    m.add_argument("--ignore", nargs="+", default=None, metavar="NAME",
+                   help="modules whose output channels stay unpruned (convert's ignored_layers)")
+    m.add_argument("--strict", action="store_true",
+                   help="refuse a model with a layer S2H cannot prune (default: prune what it can, keep the rest)")
+    m.add_argument("--target-flops", type=_fraction, default=None, help="FLOPs budget, fraction of dense" + _d("target_flops"))
+    m.add_argument("--divisor", type=int, default=None, help="channels per mask bucket" + _d("divisor"))
+    m.add_argument("--hard-width", choices=("threshold", "expected"), default=None,
+                   help="keep buckets with w >= mean(w), or ceil(E)" + _d("hard_width"))
+    m.add_argument("--mask-temperature", type=float, default=None, help="tau of the softmax over buckets" + _d("mask_temperature"))
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=DATASETS, default=None, help="dataset (default digits)")
-    d.add_argument("--data-dir", default=None, help="folder holding the dataset (default $S2H_DATA or ./data)")
+    d.add_argument("--data", choices=DATASETS, default=None, help="dataset" + _d("data"))
+    d.add_argument("--data-dir", default=None, help="folder holding the dataset (default: $S2H_DATA or ./data)")
     d.add_argument("--download", action="store_true", help="download cifar10/cifar100/tiny-imagenet if missing")
-    d.add_argument("--image-size", type=int, default=None, help="square input size (digits: 32 by default)")
+    d.add_argument("--image-size", type=int, default=None, help="square input size (default: the dataset's; digits 32)")
     d.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the dataset's)")
     d.add_argument("--no-augment", action="store_true", help="no random crop/flip")
-    d.add_argument("--max-train-samples", type=int, default=None)
-    d.add_argument("--max-test-samples", type=int, default=None)
-    d.add_argument("--workers", dest="num_workers", type=int, default=None, help="DataLoader workers")
+    d.add_argument("--max-train-samples", type=int, default=None, help="a seeded subset of the training split")
+    d.add_argument("--max-test-samples", type=int, default=None, help="a seeded subset of the test split")
+    d.add_argument("--workers", dest="num_workers", type=int, default=None, help="DataLoader workers" + _d("num_workers"))
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--batch-size", type=int, default=None, help="global batch (split across torchrun processes)")
-    o.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
-    o.add_argument("--lr", type=float, default=None)
-    o.add_argument("--momentum", type=float, default=None)
-    o.add_argument("--weight-decay", type=float, default=None)
-    o.add_argument("--scheduler", choices=("cosine", "step", "constant"), default=None)
+    o.add_argument("--epochs", type=int, default=None, help="training epochs" + _d("epochs"))
+    o.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split across torchrun processes" + _d("batch_size"))
+    o.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimizer of the weights" + _d("optimizer"))
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate of the weights" + _d("lr"))
+    o.add_argument("--momentum", type=float, default=None, help="SGD momentum" + _d("momentum"))
+    o.add_argument("--weight-decay", type=float, default=None, help="weight decay" + _d("weight_decay"))
+    o.add_argument("--scheduler", choices=("cosine", "step", "constant"), default=None,
+                   help="LR schedule per iteration" + _d("scheduler"))
     o.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs of the step scheduler")
-    o.add_argument("--lr-gamma", type=float, default=0.1)
-    o.add_argument("--warmup-epochs", type=float, default=None)
-    o.add_argument("--mask-optimizer", choices=("sgd", "adam"), default="adam")
-    o.add_argument("--mask-lr", type=float, default=0.02)
+    o.add_argument("--lr-gamma", type=float, default=None, help="step scheduler factor" + _d("lr_gamma"))
+    o.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up" + _d("warmup_epochs"))
+    o.add_argument("--mask-optimizer", choices=("sgd", "adam"), default=None,
+                   help="optimizer of the mask logits" + _d("mask_optimizer"))
+    o.add_argument("--mask-lr", type=float, default=None, help="its learning rate" + _d("mask_lr"))
     s = p.add_argument_group("S2H")
-    s.add_argument("--ce-coef", type=float, default=None, help="beta (0.5 for CNNs, 1 for Transformers)")
-    s.add_argument("--gap-coef", type=float, default=None, help="gamma (5 for CNNs, 1 for Transformers)")
-    s.add_argument("--resource-coef", type=float, default=5.0)
-    s.add_argument("--resource-target", choices=("soft", "hard"), default="soft",
-                   help="R on the expected FLOPs (soft, the paper) or on the hard network's FLOPs with a "
-                        "straight-through gradient (hard, the authors' demo)")
-    s.add_argument("--temperature", type=float, default=1.0, help="T of the gap's softmaxes")
-    s.add_argument("--balance", choices=BALANCES, default="paper")
-    s.add_argument("--ablate", nargs="*", choices=TERMS, default=[], help="gradient terms to disable (Table 5)")
-    s.add_argument("--enable", nargs="*", choices=["G_soft_theta"], default=[], help="G_soft_theta: Table 5 row 1")
+    s.add_argument("--ce-coef", type=float, default=None, help="beta; the paper: 0.5 for CNNs, 1 for ViT/Swin" + _d("ce_coef"))
+    s.add_argument("--gap-coef", type=float, default=None, help="gamma; the paper: 5 for CNNs, 1 for ViT/Swin" + _d("gap_coef"))
+    s.add_argument("--resource-coef", type=float, default=None, help="coefficient of the FLOPs loss" + _d("resource_coef"))
+    s.add_argument("--resource-target", choices=("soft", "hard"), default=None,
+                   help="R on the hard network's FLOPs with a straight-through gradient (hard, the authors' demo) or "
+                        "on the expected FLOPs (soft, the paper)" + _d("resource_target"))
+    s.add_argument("--temperature", type=float, default=None, help="T of the gap's softmaxes" + _d("temperature"))
+    s.add_argument("--balance", choices=BALANCES, default=None, help="mask-gradient balancing" + _d("balance"))
+    s.add_argument("--ablate", nargs="*", choices=TERMS, default=None, help="gradient terms to disable (Table 5)")
+    s.add_argument("--enable", nargs="*", choices=["G_soft_theta"], default=None, help="G_soft_theta: Table 5 row 1")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate on the test split every N epochs")
-    r.add_argument("--recalibrate-bn", type=int, default=0,
-                   help="re-estimate the hard network's BN statistics on N batches before export")
+    r.add_argument("--seed", type=int, default=None, help="seed of the weights, data order and augmentation" + _d("seed"))
+    r.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N" + _d("device"))
+    r.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    r.add_argument("--eval-every", type=int, default=None, help="evaluate on the test split every N epochs" + _d("eval_every"))
+    r.add_argument("--recalibrate-bn", type=int, default=None,
+                   help="re-estimate the hard network's BN statistics on N batches before export" + _d("recalibrate_bn"))
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (GPU)")
     r.add_argument("--stop-after", type=int, default=None,
@@ -198,10 +219,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
             kw[f.name] = v
     kw["augment"] = not getattr(args, "no_augment", False)
     kw["progress"] = not getattr(args, "no_progress", False)
-    for k in ("milestones", "ablate", "enable", "widths"):
+    for k in ("milestones", "ablate", "enable", "widths", "ignore"):
         if kw.get(k) is not None:
             kw[k] = tuple(kw[k])
-    if str(kw.get("model", PruneConfig.model)).lower().startswith(("vit_", "swin_")):  # Transformers (A4): 1 and 1
-        kw.setdefault("ce_coef", 1.0)
-        kw.setdefault("gap_coef", 1.0)
+    kw["strict"] = bool(getattr(args, "strict", False))
     return PruneConfig(**kw)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping
 
-__all__ = ["plot_trajectory", "plot_architecture", "plot_accuracy_vs_sparsity"]
+__all__ = ["trajectory_figure", "plot_trajectory", "plot_architecture", "plot_accuracy_vs_sparsity"]
 
 
 def _figure(width: float, height: float):
@@ -24,28 +24,41 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_trajectory(history: list[dict], path, target: float | None = None, title: str = "") -> Path:
-    """Hard FLOPs (%) and top-1 (%) per epoch, two y-axes (the paper's Fig. 3)."""
+def trajectory_figure(history: list[dict], target: float | None = None, title: str = ""):
+    """The figure of :func:`plot_trajectory`: ``(fig, (flops_axes, top1_axes))``. Every series has
+    markers, so a one-epoch run shows its points."""
     fig, ax = _figure(6.4, 4.2)
     ep = [h["epoch"] for h in history]
-    ax.plot(ep, [h["hard_flops_pct"] for h in history], "-", color="tab:blue", label="hard FLOPs")
-    ax.plot(ep, [h["soft_flops_pct"] for h in history], "--", color="tab:blue", alpha=0.5,
+    ax.plot(ep, [h["hard_flops_pct"] for h in history], "o-", ms=4, color="tab:blue", label="hard FLOPs")
+    ax.plot(ep, [h["soft_flops_pct"] for h in history], "s--", ms=3, color="tab:blue", alpha=0.5,
             label="soft (expected) FLOPs")
     if target is not None:
         ax.axhline(100 * target, color="tab:blue", linestyle=":", alpha=0.6, label=f"target {100 * target:g}%")
     ax.set_xlabel("epoch")
     ax.set_ylabel("hard-network FLOPs (% of dense)", color="tab:blue")
+    ax.set_ylim(0, 100)  # both axes in %: a one-epoch run's points do not all land mid-height
+    if len(ep) == 1:
+        ax.set_xlim(ep[0] - 1, ep[0] + 1)
+        ax.set_xticks([ep[0]])
     ax2 = ax.twinx()
     ev = [h for h in history if h.get("hard_top1") is not None]
-    ax2.plot([h["epoch"] for h in ev], [h["hard_top1"] for h in ev], "-", color="tab:red", label="hard top-1")
-    ax2.plot([h["epoch"] for h in ev], [h["soft_top1"] for h in ev], "--", color="tab:orange", label="soft top-1")
+    ax2.plot([h["epoch"] for h in ev], [h["hard_top1"] for h in ev], "o-", ms=4, color="tab:red", label="hard top-1")
+    ax2.plot([h["epoch"] for h in ev], [h["soft_top1"] for h in ev], "s--", ms=3, color="tab:orange",
+             label="soft top-1")
     ax2.set_ylabel("top-1 accuracy (%)", color="tab:red")
+    ax2.set_ylim(0, 100)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
+    return fig, (ax, ax2)
+
+
+def plot_trajectory(history: list[dict], path, target: float | None = None, title: str = "") -> Path:
+    """Hard FLOPs (%) and top-1 (%) per epoch, two y-axes (the paper's Fig. 3)."""
+    fig, _ = trajectory_figure(history, target, title)
     return _save(fig, path)
 
 

@@ -3,7 +3,13 @@
 Files hold tensors and plain Python values only (``torch.load(weights_only=True)`` reads them):
 the state dict, the conversion settings (example input shapes, target, divisor, ...) and, for an
 exported model, the kept width per group. Loading rebuilds the structure from the original
-architecture, ``model_factory()``, and those widths; no module is pickled.
+architecture and those widths; no module is pickled. The architecture comes from
+``model_factory()``, or, for a file saved with ``spec=`` (what ``python -m s2h prune`` writes), from
+``s2h.models.build_model(**spec)``::
+
+    small = s2h.load("runs/r56/pruned.pt")                 # the exported network (plain layers)
+    s2hm = s2h.load("runs/r56/s2h_model.pt")               # the S2HModel: masks, both branches
+    small = s2h.load("pruned.pt", lambda: torchvision.models.resnet18(num_classes=10))  # your own
 """
 from __future__ import annotations
 
@@ -21,8 +27,12 @@ __all__ = ["save", "load", "FORMAT_VERSION"]
 FORMAT_VERSION = 1
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save an S2HModel (weights, u, per-branch BN statistics) or a model returned by ``export``."""
+def save(model: nn.Module, path: str | os.PathLike, spec: dict | None = None) -> None:
+    """Save an S2HModel (weights, u, per-branch BN statistics) or a model returned by ``export``.
+
+    ``spec``: the keyword arguments of :func:`s2h.models.build_model` that build the unconverted
+    architecture (``name``, ``num_classes``, ``in_channels``, ``image_size``, ``widths``), so that
+    :func:`load` needs no factory."""
     if isinstance(model, S2HModel):
         payload = {"format": "s2h", "version": FORMAT_VERSION, "config": model.config,
                    "state_dict": model.state_dict()}
@@ -32,11 +42,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     else:
         raise ValueError(f"s2h.save: expected an S2HModel or a model from S2HModel.export(), "
                          f"got {type(model).__name__}")
+    if spec is not None:
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError("s2h.save: spec must be a dict of s2h.models.build_model arguments with 'name'")
+        payload["spec"] = dict(spec)
     torch.save(payload, path)
 
 
-def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module], map_location="cpu") -> nn.Module:
-    """Load what :func:`save` wrote. ``model_factory()`` builds the original (unconverted) architecture.
+def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None = None,
+         map_location="cpu") -> nn.Module:
+    """Load what :func:`save` wrote. ``model_factory()`` builds the original (unconverted)
+    architecture; without one, the file's ``spec`` does (files written by the command line).
 
     Returns an S2HModel, or the exported plain model with the saved widths per group.
     """
@@ -46,6 +62,15 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module], map_lo
     if payload.get("version") != FORMAT_VERSION:
         raise ValueError(f"s2h.load: unsupported format version {payload.get('version')!r}")
     cfg = payload["config"]
+    if model_factory is None:
+        spec = payload.get("spec")
+        if spec is None:
+            raise ValueError(f"s2h.load: {os.fspath(path)!r} records no architecture (saved without spec=); pass "
+                             "model_factory, a function that builds the unconverted model")
+        from ..models import build_model
+
+        def model_factory():
+            return build_model(**spec)
     base = model_factory()
     if not isinstance(base, nn.Module):
         raise TypeError(f"s2h.load: model_factory() must return an nn.Module, got {type(base).__name__}")

@@ -50,6 +50,13 @@ def test_prune_digits_end_to_end(tmp_path, capsys):
     # the exported model reloads from the architecture and the saved widths, and is the hard network
     pruned = s2h.load(out / "pruned.pt", lambda: build_model("resnet8", 10, 1, 32))
     assert sum(p.numel() for p in pruned.parameters()) == s["params_pruned"]
+    # ... and without a factory: the run's files record the build_model arguments
+    small, s2hm = s2h.load(out / "pruned.pt").eval(), s2h.load(out / "s2h_model.pt").eval()
+    assert isinstance(s2hm, s2h.S2HModel) and not isinstance(small, s2h.S2HModel)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad(), s2hm.branch("hard"):
+        torch.testing.assert_close(small(x), s2hm(x), rtol=1e-4, atol=1e-5)
+    assert s2hm.keep_counts() == {k: v["kept"] for k, v in s["widths"].items()}
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 2 and len(ck["history"]) == 2
 
@@ -224,7 +231,15 @@ def test_presets_and_overrides():
     cfg = prune_cli.config_from_args(p.parse_args(["--out", "x", "--preset", "tiny-imagenet-wrn28-10"]))
     assert cfg.scheduler == "step" and tuple(cfg.milestones) == (100, 150) and cfg.lr == 0.2
     cfg = prune_cli.config_from_args(p.parse_args(["--out", "x"]))
-    assert (cfg.model, cfg.data, cfg.ce_coef, cfg.gap_coef, cfg.balance) == ("resnet56", "digits", 0.5, 5.0, "paper")
+    # the package defaults (those of S2HPruner): reach the FLOPs target in short runs
+    assert (cfg.model, cfg.data, cfg.ce_coef, cfg.gap_coef, cfg.balance) == ("resnet56", "digits", 1.0, 1.0, "paper")
+    assert (cfg.resource_target, cfg.mask_optimizer, cfg.mask_lr) == ("hard", "adam", 0.02)
+    # the paper's presets keep the paper's S2H settings: CNNs 0.5 / 5, Transformers 1 / 1, R on expected FLOPs
+    cfg = prune_cli.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-resnet50"]))
+    assert (cfg.ce_coef, cfg.gap_coef, cfg.resource_target) == (0.5, 5.0, "soft")
+    cfg = prune_cli.config_from_args(p.parse_args(["--out", "x", "--preset", "cifar100-vit", "--resource-target",
+                                                   "hard"]))
+    assert (cfg.ce_coef, cfg.gap_coef, cfg.resource_target) == (1.0, 1.0, "hard")
 
 
 def test_lr_schedule():
@@ -250,3 +265,104 @@ def test_demo_is_deterministic(tmp_path, capsys):
         assert ra[k] == rb[k], k
     assert ra["exported_top1"] == ra["hard_top1"]
     assert (a / "trajectory.png").is_file() and (a / "architecture.png").is_file()
+
+
+def test_help_shows_each_default_once(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    blocks = re.split(r"\n  (?=-)", text)
+    for b in blocks:
+        assert b.count("default") <= 1, b
+    flat = " ".join(text.split())
+    for opt, default in (("--epochs EPOCHS", 10), ("--lr LR", 0.05), ("--batch-size BATCH_SIZE", 64),
+                         ("--mask-lr MASK_LR", 0.02), ("--resource-target {soft,hard}", "hard")):
+        block = flat.rsplit(opt + " ", 1)[1].split(" --", 1)[0]  # the options section, after the usage
+        assert f"(default: {default})" in block, (opt, block)
+
+
+def test_resume_extends_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    assert cli.main(["prune", *QUICK, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    assert "extended to 2 epochs" in capsys.readouterr().out
+    log = _log(out)
+    assert [h["epoch"] for h in log] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    # epoch 2 follows the LR schedule of a 2-epoch run (the finished 1-epoch run had ended at 0)
+    per_epoch = 128 // 32
+    sched = prune_cli.LRSchedule("cosine", 2 * per_epoch, per_epoch, 0, (), 0.1)
+    assert log[0]["lr"] == pytest.approx(0.05 * prune_cli.LRSchedule("cosine", per_epoch, per_epoch, 0, (), 0.1)(
+        per_epoch), abs=1e-12)
+    assert log[1]["lr"] == pytest.approx(0.05 * sched(2 * per_epoch), abs=1e-12)
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--resume"]) == 1
+    assert "cannot shorten the run" in capsys.readouterr().err
+
+
+def test_one_epoch_trajectory_shows_its_points(tmp_path):
+    import numpy as np
+
+    from s2h.engine.plots import trajectory_figure
+
+    hist = [{"epoch": 1, "hard_flops_pct": 40.0, "soft_flops_pct": 35.0, "hard_top1": 70.0, "soft_top1": 80.0}]
+    fig, (ax, ax2) = trajectory_figure(hist, 0.15)
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    h = img.shape[0]
+    for axes, y, rgb in ((ax, 40.0, (31, 119, 180)), (ax2, 70.0, (214, 39, 40))):  # tab:blue, tab:red
+        px, py = axes.transData.transform((1, y))
+        patch = img[int(h - py) - 1:int(h - py) + 2, int(px) - 1:int(px) + 2]
+        assert (np.abs(patch - np.array(rgb)).sum(-1) < 60).any(), (y, patch.tolist())
+
+
+def test_failed_run_leaves_no_empty_out_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(out), "--data", "cifar10", "--data-dir",
+                     str(tmp_path / "nodata")]) == 1
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+    assert not out.exists() and not out.parent.exists()
+    keep = tmp_path / "existing"
+    keep.mkdir()
+    assert cli.main(["prune", *QUICK, "--epochs", "1", "--out", str(keep), "--data", "cifar10", "--data-dir",
+                     str(tmp_path / "nodata")]) == 1
+    assert keep.is_dir()  # a folder the user made is never removed
+
+
+def test_ignore_and_strict_reach_convert(tmp_path, monkeypatch):
+    seen = {}
+    real = prune_cli.convert
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(prune_cli, "convert", spy)
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--epochs", "0", "--out", str(out), "--ignore", "layer1.0.conv1",
+                     "--strict"]) == 0
+    assert seen["ignored_layers"] == ["layer1.0.conv1"] and seen["strict"] is True
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["ignore"] == ["layer1.0.conv1"] and s["config"]["strict"] is True
+    monkeypatch.setattr(prune_cli, "convert", real)
+    parser = argparse.ArgumentParser()
+    prune_cli.add_arguments(parser)
+    base = prune_cli.config_from_args(parser.parse_args(["--out", "x"]))
+    assert (base.ignore, base.strict) == ((), False)
+    small = s2h.load(out / "pruned.pt")  # the ignored layer stays unpruned after reloading too
+    assert small.layer1[0].conv1.out_channels == 16
+
+
+def test_timm_model_by_name(tmp_path):
+    pytest.importorskip("timm")
+    try:
+        build_model("timm:resnet10t", 10, 1, 32)
+    except (ValueError, KeyError) as e:
+        pytest.skip(f"s2h.models.build_model has no timm support yet: {e}")
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK[2:], "--model", "timm:resnet10t", "--epochs", "1", "--out", str(out)]) == 0
+    assert s2h.load(out / "pruned.pt") is not None
