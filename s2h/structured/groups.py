@@ -317,16 +317,19 @@ _PARAMS_BY_KIND = {
 }
 
 
-def group_importance(model: nn.Module, group: GroupInfo) -> torch.Tensor:
+def group_importance(model: nn.Module, group: GroupInfo, _rows: dict | None = None) -> torch.Tensor:
     """L1 norm of each channel's filters, summed over the group's producers (root order)."""
+    rows = {} if _rows is None else _rows  # module name -> L1 norm of each output row
     imp = torch.zeros(group.channels, dtype=torch.float64)
     for m in group.members:
         if m.kind not in ("out", "depthwise"):
             continue
-        w = model.get_submodule(m.module).weight.detach()
+        r = rows.get(m.module)
+        if r is None:
+            w = model.get_submodule(m.module).weight.detach()
+            r = rows[m.module] = w.abs().reshape(w.shape[0], -1).sum(1).double().cpu()
         s = m.segment
-        block = w.narrow(0, s.start, s.channels * s.repeat).reshape(s.channels, -1)
-        imp += block.abs().sum(1).double().cpu()
+        imp += r.narrow(0, s.start, s.channels * s.repeat).view(s.channels, s.repeat).sum(1)
     return imp
 
 
@@ -335,27 +338,30 @@ def reorder_channels(model: nn.Module, groups: Sequence[GroupInfo]) -> list[torc
     """Permute every group's channels by importance, descending, in every member. Returns the perms.
 
     Channel ``j`` of the group after the call is channel ``perm[j]`` before it. The function
-    computed by the model is unchanged.
+    computed by the model is unchanged. Row norms do not change when other groups permute a
+    layer's inputs, so every permutation is computed first, and each tensor is gathered once.
     """
-    perms = []
-    for g in groups:
-        imp = group_importance(model, g)
-        perm = torch.sort(imp, descending=True, stable=True).indices
-        perms.append(perm)
+    rows: dict = {}
+    perms = [torch.sort(group_importance(model, g, rows), descending=True, stable=True).indices for g in groups]
+    sources: dict[tuple[str, str, int], torch.Tensor] = {}
+    for g, perm in zip(groups, perms):
         for m in g.members:
             mod = model.get_submodule(m.module)
             s = m.segment
             if m.kind == "gin":  # the same permutation in every convolution group: apply it once
-                per_group = mod.in_channels // mod.groups
-                if s.start >= per_group:
+                if s.start >= mod.in_channels // mod.groups:
                     continue
+            block = (s.start + torch.arange(s.channels * s.repeat).view(s.channels, s.repeat)[perm]).reshape(-1)
             for attr, axis in _PARAMS_BY_KIND[m.kind]:
                 t = getattr(mod, attr, None)
                 if t is None:
                     continue
-                size = t.shape[axis]
-                src = torch.arange(size)
-                block = torch.arange(s.channels * s.repeat).view(s.channels, s.repeat)
-                src[s.start : s.stop] = (s.start + block[perm]).reshape(-1)
-                t.data = t.data.index_select(axis, src.to(t.device))
+                key = (m.module, attr, axis)
+                src = sources.get(key)
+                if src is None:
+                    src = sources[key] = torch.arange(t.shape[axis])
+                src[s.start : s.stop] = block
+    for (name, attr, axis), src in sources.items():
+        t = getattr(model.get_submodule(name), attr)
+        t.data = t.data.index_select(axis, src.to(t.device))
     return perms

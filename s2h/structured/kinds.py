@@ -32,9 +32,10 @@ _BASES = ((nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.BatchNorm2d, "bn2d")
 
 
 def type_name(mod) -> str:
-    """``Conv2d`` for torch.nn's layers, the qualified name (``timm.layers.norm.LayerNorm``) for others."""
+    """The class name; qualified (``timm.layers.norm.LayerNorm``) when a torch.nn layer has the same name."""
     t = type(mod)
-    return t.__name__ if t.__module__.startswith("torch.nn") else f"{t.__module__}.{t.__qualname__}"
+    same = getattr(nn, t.__name__, None)
+    return t.__name__ if same is None or same is t else f"{t.__module__}.{t.__qualname__}"
 
 
 def layer_kind(mod) -> str | None:

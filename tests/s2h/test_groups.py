@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import s2h
+from s2h.structured.report import report_of
 from s2h_kernels import reference
 from s2h_reference import CatNet, macs, plain_copy, random_u, randomize_norms, tp_prune
 
@@ -259,7 +260,6 @@ class WithConv1d(nn.Module):
     "net,x,match",
     [
         (WithGroupNorm(), torch.randn(1, 3, 8, 8), r"module 'gn' \(GroupNorm\).*rooted at 'conv1'.*ignored_layers"),
-        (WithGroupedConv(), torch.randn(1, 3, 8, 8), r"module 'gconv' \(Conv2d\).*grouped convolution \(groups=2\)"),
         (WithSplit(), torch.randn(1, 3, 8, 8), r"rooted at 'conv[12]'.*split of the channel dimension"),
         (WithLayerScale(), torch.randn(1, 3, 8, 8), r"'gamma'.*nn.Parameter"),
         (WithConv1d(), torch.randn(1, 3, 8), r"module 'conv1' \(Conv1d\).*no S2H replacement"),
@@ -267,7 +267,14 @@ class WithConv1d(nn.Module):
 )
 def test_unsupported_layers_are_named(net, x, match):
     with pytest.raises(ValueError, match=match):
-        s2h.convert(net, x)
+        s2h.convert(net, x, strict=True)
+    # by default the group is left dense and reported, with the same reason
+    model = s2h.convert(net, x)
+    kept = report_of(model).kept
+    assert kept and all(not r.pruned for r in kept)
+    assert not any(g.name == kept[0].root for g in model.groups)
+    with torch.no_grad(), model.branch("hard"):
+        torch.testing.assert_close(model(x), net(x))
 
 
 def test_unsupported_group_can_be_ignored():
