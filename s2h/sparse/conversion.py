@@ -4,19 +4,33 @@
 / :class:`SparseConv2d`, which run the s2h_kernels sparse kernels (CSR weights, C++ on the CPU:
 AVX-512/AVX2 micro-kernel, no im2col for convs; Triton or CUDA C++ on a GPU).
 
-Which layers go sparse is measured, not guessed: for every candidate layer (weight sparsity >=
-``min_sparsity``) ``sparsify`` times the dense layer and its sparse replacement on an input of the
-layer's real shape and keeps whichever is faster (sparse must win by ``min_speedup``).  Timings
-are cached per (layer kind, weight shape, conv geometry, input shape, density, dtype, device,
-threads) in a :class:`CalibrationCache`, so the repeated blocks of a ResNet are timed once. The
-cache belongs to one ``sparsify`` call (and its :class:`AutoSparse` layers) unless you pass one in
-(``cache=``) to share timings between calls; nothing is cached process-wide.  Every decision is logged on the
-``s2h.sparse`` logger (INFO) and can be collected with ``report=[]``.
+A model pruned with one global threshold has layers of very different sparsity, and a sparse
+kernel only pays where the layer is sparse enough for its shape, batch and thread count.  So the
+choice is measured, never guessed, and measured so that a noisy machine cannot fool it
+(:mod:`.calibration`):
 
-Input shapes come from ``example_inputs`` (one forward pass with hooks).  Without them, a Linear
-layer is timed at batch 1 and a conv layer defers its decision to its first forward call: it is
-wrapped in :class:`AutoSparse`, which keeps both versions, times them on the first input of each
-new shape and then runs the faster one.
+1. **Per layer** (weight sparsity >= ``min_sparsity``): the dense layer and its sparse
+   replacement run in ``reps`` interleaved rounds on an input of the layer's real shape; the layer
+   goes sparse only when the median of the per-round ratios ``t_dense / t_sparse`` is at least
+   ``min_speedup`` (default 1.1: a 10% safety margin).  Timings are cached per (layer kind,
+   weight shape, conv geometry, input shape, density, dtype, device, threads) in a
+   :class:`CalibrationCache`, so the repeated blocks of a ResNet are timed once.
+2. **Whole model** (``guard=True``, needs ``example_inputs`` and an ``eval()`` model): the
+   converted model, the dense model with only the non-sparse rewrites (BatchNorm folded, oneDNN
+   max-pool) and the model as given run in ``guard_rounds`` interleaved rounds; the converted
+   model is kept only when its median paired speedup over the model as given is at least
+   ``GUARD_MIN_SPEEDUP`` and the best of the candidates; otherwise the best dense form is returned
+   (the model as given when nothing beats it).  So ``sparsify`` never returns a model slower than
+   the one it was given, at the shape and thread count it was calibrated for.
+
+Decisions hold for the batch shape of ``example_inputs`` and the thread count at the call
+(``torch.get_num_threads()``): sparsify once per deployment setting.  Every decision is logged on
+the ``s2h.sparse`` logger (INFO; a guard fallback is a WARNING) and can be collected with
+``report=[]``.  ``timer=`` replaces the clock (for tests: a fake timer makes every decision
+deterministic).
+
+Without ``example_inputs`` a Linear layer is timed at batch 1 and a conv layer defers its decision
+to its first forward call (:class:`AutoSparse`); there is no whole-model guard then.
 
 For an ``eval()`` model that torch.fx can trace, BatchNorm is folded into the preceding conv first
 and a ReLU after a sparse layer runs in its epilogue (``fuse=True``); ``nn.MaxPool2d`` runs on
@@ -25,119 +39,32 @@ CPU deployment wants; both can be turned off.
 
 Inference only: sparse layers have no backward.  ``sparsify`` returns a copy of the model (unless
 ``inplace=True``) with every parameter frozen (``requires_grad=False``), so running it without
-``torch.no_grad()`` works; feeding a tensor that requires grad raises a clear error.
+``torch.no_grad()`` works; feeding a tensor that requires grad raises a clear error.  Dtypes: the
+model's own (``model.to(torch.bfloat16)`` works: sparse layers compute in float32 and return
+bfloat16); a bfloat16 input to a float32 model is refused with a message.  ``torch.export`` works;
+``torch.onnx.export`` refuses with a message pointing at :func:`s2h.sparse.densify`.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import time
-import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import FastMaxPool2d, SparseConv2d, SparseLinear, conv_padding, weight_sparsity
+from .calibration import AutoSparse, CalibrationCache, Timer, decide_layer, fastest_model
+from .export import check_input_dtype
+from .modules import FastMaxPool2d, SparseConv2d, SparseLinear, weight_sparsity
 
-__all__ = ["AutoSparse", "CalibrationCache", "sparsify", "clear_calibration_cache", "layer_key"]
+__all__ = ["sparsify", "GUARD_MIN_SPEEDUP"]
 
 log = logging.getLogger("s2h.sparse")
 
-
-# ----------------------------------------------------------------------------------------------
-# Calibration: dense vs sparse, measured per layer shape
-# ----------------------------------------------------------------------------------------------
-
-class CalibrationCache(dict):
-    """Dense and sparse timings (seconds) per layer key (see :func:`layer_key`)."""
-
-
-def clear_calibration_cache() -> None:
-    """Deprecated no-op: timings are cached per ``sparsify`` call (or in the ``cache=`` you pass), not
-    per process, so there is nothing global to clear."""
-    warnings.warn("s2h.sparse.clear_calibration_cache is deprecated and does nothing: calibration timings are "
-                  "cached per sparsify() call (pass cache=CalibrationCache() to share them)", DeprecationWarning,
-                  stacklevel=2)
-
-
-def layer_key(module: nn.Module, in_shape: tuple, sparsity: float) -> tuple:
-    w = module.weight
-    geo: tuple = ()
-    if isinstance(module, nn.Conv2d):
-        geo = (module.kernel_size, module.stride, conv_padding(module), module.dilation, module.groups)
-    return (type(module).__name__, tuple(w.shape), geo, tuple(in_shape), round(sparsity, 2), w.dtype, str(w.device),
-            torch.get_num_threads())
-
-
-def _time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Best of ``reps`` timed calls after one warm-up (best-of is robust to a busy machine)."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        fn()
-        sync()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _measure(dense: nn.Module, sparse: nn.Module, in_shape: tuple, sparsity: float, reps: int,
-             cache: CalibrationCache) -> tuple[float, float]:
-    key = layer_key(dense, in_shape, sparsity)
-    if key not in cache:
-        x = torch.randn(in_shape, dtype=dense.weight.dtype, device=dense.weight.device)
-        # Interleave the two so that both see the same machine load.
-        td, ts = float("inf"), float("inf")
-        for _ in range(2):
-            td = min(td, _time(lambda: dense(x), reps, x.device))
-            ts = min(ts, _time(lambda: sparse(x), reps, x.device))
-        cache[key] = (td, ts)
-    return cache[key]
-
-
-def _decide(name: str, dense: nn.Module, sparse: nn.Module, in_shape: tuple, sparsity: float, reps: int,
-            min_speedup: float, report: Optional[list], cache: CalibrationCache) -> bool:
-    td, ts = _measure(dense, sparse, in_shape, sparsity, reps, cache)
-    use = ts * min_speedup < td
-    log.info("%s: %s %s sparsity %.1f%% input %s: dense %.3f ms, sparse %.3f ms (%.2fx) -> %s", name,
-             type(dense).__name__, tuple(dense.weight.shape), 100 * sparsity, tuple(in_shape), td * 1e3, ts * 1e3,
-             td / ts if ts > 0 else float("inf"), "sparse" if use else "dense")
-    if report is not None:
-        report.append(dict(name=name, kind=type(dense).__name__, weight_shape=tuple(dense.weight.shape),
-                           sparsity=sparsity, input_shape=tuple(in_shape), dense_ms=td * 1e3, sparse_ms=ts * 1e3,
-                           choice="sparse" if use else "dense"))
-    return use
-
-
-class AutoSparse(nn.Module):
-    """A layer whose dense/sparse choice is made on its first input of each shape (measured).
-
-    Keeps both the dense module and its sparse replacement; ``choices`` maps input shapes to
-    ``"dense"`` / ``"sparse"``.
-    """
-
-    def __init__(self, name: str, dense: nn.Module, sparse: nn.Module, sparsity: float, reps: int = 5,
-                 min_speedup: float = 1.0, report: Optional[list] = None, cache: CalibrationCache | None = None):
-        super().__init__()
-        self._cache = CalibrationCache() if cache is None else cache
-        self.dense, self.sparse = dense, sparse
-        self.layer_name, self.layer_sparsity = name, sparsity
-        self.reps, self.min_speedup, self._report = reps, min_speedup, report
-        self.choices: dict[tuple, str] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
-        choice = self.choices.get(shape)
-        if choice is None:
-            use = _decide(self.layer_name, self.dense, self.sparse, shape, self.layer_sparsity, self.reps,
-                          self.min_speedup, self._report, self._cache)
-            choice = self.choices[shape] = "sparse" if use else "dense"
-        return (self.sparse if choice == "sparse" else self.dense)(x)
+GUARD_MIN_SPEEDUP = 1.02
+"""The whole-model guard keeps a rewritten model only when it beats the model as given by this much
+(median of interleaved paired ratios)."""
 
 
 def _input_shapes(model: nn.Module, names: Sequence[str], example_inputs) -> dict[str, tuple]:
@@ -236,63 +163,45 @@ def _candidates(model: nn.Module, min_sparsity: float, exclude: Sequence[str],
     return candidates
 
 
-def sparsify(model: nn.Module, min_sparsity: float = 0.5, example_inputs=None, calibrate: bool = True,
-             min_speedup: float = 1.0, reps: int = 5, exclude: Sequence[str] = (), inplace: bool = False,
-             report: Optional[list] = None, fast_pool: bool = True, fuse: bool = True,
-             cache: CalibrationCache | None = None) -> nn.Module:
-    """Replace pruned ``nn.Linear`` / ``nn.Conv2d`` layers by sparse ones where that is faster.
+def _as_args(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
-    Args:
-        model: a pruned model (zeros in the weights), ideally in ``eval()`` mode.
-        min_sparsity: layers whose weight has a smaller fraction of zeros stay dense, untimed.
-        example_inputs: a tensor (or tuple of forward arguments) with the deployment input shape;
-            used to time each layer at its real input shape.  Without it, see the module docstring.
-        calibrate: time dense vs sparse per layer (default).  ``False``: every layer above
-            ``min_sparsity`` goes sparse.
-        min_speedup: sparse must be this much faster than dense to be chosen.
-        reps: timed calls per variant (best of).
-        exclude: module names (as in ``named_modules``) to leave alone.
-        inplace: modify ``model`` instead of a deep copy.
-        report: a list that receives one dict per candidate layer (name, shapes, timings, choice).
-        fast_pool: also replace ``nn.MaxPool2d`` by :class:`FastMaxPool2d` (same result, oneDNN
-            instead of torch's scalar NCHW kernel on the CPU).
-        fuse: for a model in ``eval()`` mode that torch.fx can trace, fold BatchNorm into the
-            preceding conv / linear first and fuse a ReLU that follows a sparse layer into its
-            epilogue.  The result is then a ``torch.fx.GraphModule`` (same submodule names).
-            Untraceable models are converted without fusion.
-        cache: a :class:`CalibrationCache` to reuse timings from (and add to); default a new one.
-    Returns:
-        The converted model, with all parameters frozen (inference only).
-    """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
-    if not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"sparsify: min_sparsity must be in [0, 1], got {min_sparsity}")
-    cache = CalibrationCache() if cache is None else cache
-    if not inplace:
-        model = copy.deepcopy(model)
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    if fuse:
-        model = _fold_batchnorm(model)
-    candidates = _candidates(model, min_sparsity, exclude, report)
+    return model
 
+
+def _dense_rewrites(model: nn.Module, fuse: bool, fast_pool: bool, exclude: Sequence[str]) -> tuple[nn.Module, bool]:
+    """BatchNorm folding and oneDNN max-pool (no sparse layer yet); True when anything changed."""
+    changed = False
+    if fuse:
+        folded = _fold_batchnorm(model)
+        changed = folded is not model
+        model = folded
     if fast_pool:
         for name, mod in list(model.named_modules()):
             if type(mod) is nn.MaxPool2d and not mod.return_indices and name not in exclude:
                 _set_module(model, name, FastMaxPool2d.from_module(mod))
                 log.info("%s: MaxPool2d -> FastMaxPool2d (oneDNN)", name)
+                changed = True
+    return model, changed
 
-    shapes = _input_shapes(model, [n for n, _, _ in candidates], example_inputs) if (
-        calibrate and example_inputs is not None) else {}
+
+def _convert_layers(model: nn.Module, candidates, shapes: dict, example_inputs, calibrate: bool, cfg: dict) -> int:
+    """Swap each candidate for its sparse layer where chosen; returns how many went sparse."""
+    n_sparse = 0
     for name, mod, s in candidates:
         sparse = SparseLinear.from_dense(mod) if isinstance(mod, nn.Linear) else SparseConv2d.from_dense(mod)
         if not calibrate:
             log.info("%s: %s sparsity %.1f%% -> sparse (calibrate=False)", name, type(mod).__name__, 100 * s)
-            if report is not None:
-                report.append(dict(name=name, kind=type(mod).__name__, weight_shape=tuple(mod.weight.shape),
-                                   sparsity=s, choice="sparse"))
+            if cfg["report"] is not None:
+                cfg["report"].append(dict(name=name, kind=type(mod).__name__, weight_shape=tuple(mod.weight.shape),
+                                          sparsity=s, choice="sparse"))
             _set_module(model, name, sparse)
+            n_sparse += 1
             continue
         in_shape = shapes.get(name)
         if in_shape is None and example_inputs is not None:
@@ -301,12 +210,102 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, example_inputs=None, c
         if in_shape is None and isinstance(mod, nn.Linear):
             in_shape = (1, mod.in_features)
         if in_shape is None:  # conv without example input: decide on first call
-            _set_module(model, name, AutoSparse(name, mod, sparse, s, reps, min_speedup, report, cache))
+            _set_module(model, name, AutoSparse(name, mod, sparse, s, **cfg))
             continue
-        if _decide(name, mod, sparse, in_shape, s, reps, min_speedup, report, cache):
+        if decide_layer(name, mod, sparse, in_shape, s, cfg["reps"], cfg["min_speedup"], cfg["report"], cfg["cache"],
+                        cfg["timer"]):
             _set_module(model, name, sparse)
+            n_sparse += 1
+    return n_sparse
+
+
+def _guard(original: nn.Module, dense_rewritten: Optional[nn.Module], converted: nn.Module, n_sparse: int,
+           args: tuple, rounds: int, timer: Optional[Timer], report: Optional[list]) -> nn.Module:
+    """The whole-model guard (module docstring, step 2): the fastest of the given forms, interleaved."""
+    candidates = {}
+    if n_sparse:
+        candidates["sparsified"] = converted
+        if dense_rewritten is not None:
+            candidates["dense, rewritten"] = dense_rewritten
+    else:
+        candidates["dense, rewritten"] = converted
+    best, speedups = fastest_model(original, candidates, args, rounds, GUARD_MIN_SPEEDUP, timer)
+    text = ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
+    chosen = best or "as given"
+    if n_sparse and chosen != "sparsified":
+        log.warning("sparsify: the sparsified model was not faster than dense in %d interleaved rounds "
+                    "(speedup over the model as given: %s); returning the dense model (%s)", rounds, text, chosen)
+    else:
+        log.info("sparsify guard: speedup over the model as given: %s -> %s", text, chosen)
+    if report is not None:
+        report.append(dict(name="<model>", kind="guard", speedups=speedups, choice=chosen))
+    if best is None:
+        return original
+    return candidates[best]
+
+
+def sparsify(model: nn.Module, min_sparsity: float = 0.5, example_inputs=None, calibrate: bool = True,
+             min_speedup: float = 1.1, reps: int = 7, exclude: Sequence[str] = (), inplace: bool = False,
+             report: Optional[list] = None, fast_pool: bool = True, fuse: bool = True,
+             cache: CalibrationCache | None = None, guard: bool = True, guard_rounds: int = 5,
+             timer: Optional[Timer] = None) -> nn.Module:
+    """Replace pruned ``nn.Linear`` / ``nn.Conv2d`` layers by sparse ones where that is faster.
+
+    Args:
+        model: a pruned model (zeros in the weights), ideally in ``eval()`` mode.
+        min_sparsity: layers whose weight has a smaller fraction of zeros stay dense, untimed.
+        example_inputs: a tensor (or tuple of forward arguments) with the deployment input shape;
+            used to time each layer at its real input shape and for the whole-model guard.
+        calibrate: measure (default).  ``False``: every layer above ``min_sparsity`` goes sparse, no guard.
+        min_speedup: a layer goes sparse when the median of its interleaved paired ratios
+            ``t_dense / t_sparse`` is at least this (the safety margin).
+        reps: interleaved rounds per layer.
+        exclude: module names (as in ``named_modules``) to leave alone.
+        inplace: modify ``model`` instead of a deep copy.
+        report: a list that receives one dict per candidate layer (name, shapes, timings, speedup,
+            choice) and one for the guard (name ``"<model>"``).
+        fast_pool: replace ``nn.MaxPool2d`` by :class:`FastMaxPool2d` (oneDNN, same result).
+        fuse: fold BatchNorm and fuse ReLUs into sparse layers (``eval()`` models torch.fx can
+            trace; the result is then a ``torch.fx.GraphModule`` with the same submodule names).
+        cache: a :class:`CalibrationCache` to reuse layer timings from (and add to).
+        guard: compare the whole converted model against the model as given and fall back to the
+            fastest dense form when it is not faster (needs ``example_inputs``, ``eval()`` mode).
+        guard_rounds: interleaved rounds of the guard.
+        timer: ``timer(module, args) -> seconds`` for one call (default :func:`wall_timer`).
+    Returns:
+        The converted model, with all parameters frozen (inference only).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"sparsify: min_sparsity must be in [0, 1], got {min_sparsity}")
+    if min_speedup <= 0 or reps < 1 or guard_rounds < 1:
+        raise ValueError(f"sparsify: min_speedup must be > 0 and reps, guard_rounds >= 1, got {min_speedup}, "
+                         f"{reps}, {guard_rounds}")
+    cache = CalibrationCache() if cache is None else cache
+    guarding = bool(guard and calibrate and example_inputs is not None and not model.training)
+    if guard and calibrate and example_inputs is not None and model.training:
+        log.info("sparsify guard: model in training mode, not compared (call model.eval() first)")
+    original = model if not inplace else (_frozen_copy(model) if guarding else None)
+    model = model if inplace else copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model, rewritten = _dense_rewrites(model, fuse, fast_pool, exclude)
+    dense_rewritten = copy.deepcopy(model) if guarding and rewritten else None
+    candidates = _candidates(model, min_sparsity, exclude, report)
+    shapes = _input_shapes(model, [n for n, _, _ in candidates], example_inputs) if (
+        calibrate and example_inputs is not None) else {}
+    cfg = dict(reps=reps, min_speedup=min_speedup, report=report, cache=cache, timer=timer)
+    n_sparse = _convert_layers(model, candidates, shapes, example_inputs, calibrate, cfg)
     if fuse:
         n = _fuse_relu(model)
         if n:
             log.info("fuse: %d ReLUs fused into sparse layers", n)
+    if guarding and (n_sparse or rewritten):
+        model = _guard(original, dense_rewritten, model, n_sparse, _as_args(example_inputs), guard_rounds, timer,
+                       report)
+        if model is original and not inplace:
+            model = _frozen_copy(original)
+    if check_input_dtype not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(check_input_dtype)
     return model

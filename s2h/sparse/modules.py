@@ -15,11 +15,29 @@ from torch import nn
 from s2h_kernels import SparseWeight, spmm, spmm_conv2d
 from s2h_kernels.sparse_format import sell_applies
 
-__all__ = ["SparseLinear", "SparseConv2d", "FastMaxPool2d", "weight_sparsity", "conv_padding"]
+__all__ = ["SparseLinear", "SparseConv2d", "FastMaxPool2d", "weight_sparsity", "conv_padding", "ONNX_MESSAGE"]
 
 _spmm_op = torch.ops.s2h.spmm.default
 _conv_op = torch.ops.s2h.spmm_conv2d.default
 _sell_op = torch.ops.s2h.spmv_sell.default
+_HALF = (torch.bfloat16, torch.float16)
+_FAST_DTYPES = (torch.float32, torch.float64, *_HALF)
+
+ONNX_MESSAGE = (
+    "{layer} cannot be exported to ONNX: it runs the custom s2h sparse kernels (s2h::spmm / s2h::spmm_conv2d), "
+    "which ONNX has no operator for and ONNX runtimes cannot run. Export the dense masked model instead: "
+    "torch.onnx.export(s2h.sparse.densify(model), ...) gives the same outputs with the zeros kept in dense "
+    "weights, for onnxruntime or a sparsity-aware ONNX engine; to keep the sparse kernels, use torch.export "
+    "(torch.export.export(model, args) works on sparsified models).")
+
+
+def _onnx_exporting() -> bool:
+    """torch.onnx.export is running (either exporter).  Reads the dynamo exporter's flag itself as
+    well: torch.compile / strict torch.export fold ``torch.onnx.is_in_onnx_export()`` to False."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    flags = getattr(getattr(getattr(torch.onnx, "_internal", None), "exporter", None), "_flags", None)
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 def weight_sparsity(weight: torch.Tensor) -> float:
@@ -50,12 +68,25 @@ class _SparseBase(nn.Module):
     # through nn.Module.__getattr__ costs about a microsecond each); anything that replaces the
     # buffers (.to(), load_state_dict, assignment) drops the cache.
     def _op_args(self):
+        """(values, row_ptr, col_idx, bias, dtype): the kernel operands and the input dtype they serve
+        (None: no fast path).  bfloat16 / float16 layers keep float32 copies here: the kernels compute
+        in float32 and the layer casts the result back to the input's dtype."""
         cache = self.__dict__.get("_op_cache")
-        if cache is None:
+        if cache is None or torch.compiler.is_compiling():
+            # Never cache while torch.export / torch.compile trace: the buffers are fake tensors then.
             v, b = self.values, self.bias
-            ok = v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64) and (b is None or b.dtype == v.dtype)
-            cache = self.__dict__["_op_cache"] = (v, self.row_ptr, self.col_idx, b, v.dtype if ok else None)
+            ok = v.device.type == "cpu" and v.dtype in _FAST_DTYPES and (b is None or b.dtype == v.dtype)
+            if ok and v.dtype in _HALF:
+                cache = (v.float(), self.row_ptr, self.col_idx, None if b is None else b.float(), v.dtype)
+            else:
+                cache = (v, self.row_ptr, self.col_idx, b, v.dtype if ok else None)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_op_cache"] = cache
         return cache
+
+    def _no_onnx(self) -> None:
+        if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and _onnx_exporting():
+            raise RuntimeError(ONNX_MESSAGE.format(layer=type(self).__name__))
 
     def __setattr__(self, name, value):
         self.__dict__.pop("_op_cache", None)
@@ -92,11 +123,14 @@ class SparseLinear(_SparseBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        self._no_onnx()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         values, row_ptr, col_idx, bias, dtype = self._op_args()
         if x2.dtype is dtype and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
-            if sell_applies(x2.shape[0], dtype):  # batch 1: the SELL-16 kernel
+            if dtype in _HALF:
+                y = _spmm_op(values, row_ptr, col_idx, None, x2.t().float(), bias, self.relu).to(dtype)
+            elif sell_applies(x2.shape[0], dtype):  # batch 1: the SELL-16 kernel
                 y = _sell_op(*self.sparse_weight.sell(), self.out_features, x2.t(), bias, self.relu)
             else:
                 y = _spmm_op(values, row_ptr, col_idx, None, x2.t(), bias, self.relu)
@@ -158,11 +192,14 @@ class SparseConv2d(_SparseBase):
                    conv.groups, conv.bias, relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._no_onnx()
         values, row_ptr, col_idx, bias, dtype = self._op_args()
         if (x.dtype is dtype and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == self.in_channels
                 and not (x.requires_grad and torch.is_grad_enabled())):
-            return _conv_op(values, row_ptr, col_idx, x, bias, self.kernel_size, self.stride, self.padding,
-                            self.dilation, self.groups, self.relu)
+            half = dtype in _HALF
+            y = _conv_op(values, row_ptr, col_idx, x.float() if half else x, bias, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.relu)
+            return y.to(dtype) if half else y
         return spmm_conv2d(self.sparse_weight, x, self.kernel_size, self.bias, self.stride, self.padding,
                            self.dilation, self.groups, self.relu)
 
@@ -199,7 +236,8 @@ class FastMaxPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and self.dilation == (1, 1)
-                and _MKLDNN and not torch.compiler.is_compiling()
+                and _MKLDNN and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and not torch.jit.is_tracing()
                 and not (x.requires_grad and torch.is_grad_enabled())):
             return torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), self.kernel_size, self.stride, self.padding,
                                            self.dilation, self.ceil_mode).to_dense()
