@@ -161,14 +161,16 @@ def _masks_flat(u: torch.Tensor, L: MaskLayout, temperature: float, hard_width: 
     x = u.to(dt) / temperature
     m = x.new_full((L.G,), float("-inf")).scatter_reduce_(0, L.seg, x.detach(), "amax")
     e = (x - m.index_select(0, L.seg)).exp()
-    Z = x.new_zeros(L.G).index_add(0, L.seg, e)
+    # per-group sums in fp64: index_add sums sequentially (ATen's sum is pairwise); fp32 loses ~1e-6 here
+    Z = torch.zeros(L.G, dtype=torch.float64, device=u.device).index_add(0, L.seg, e.double()).to(dt)
     p = e / Z.index_select(0, L.seg)
     if _p_out is not None:
         _p_out.append(p)
     R = p.double().flip(0).cumsum(0).flip(0)
     Rn = torch.cat([R, R.new_zeros(1)]).index_select(0, L.ends)
     w = (R - Rn.index_select(0, L.seg)).to(dt)
-    s = x.new_zeros(L.G).index_add(0, L.seg, p * L.local1.to(dt))     # sum_j w_j = sum_k p_k (k + 1)
+    s = torch.zeros(L.G, dtype=torch.float64, device=u.device).index_add(
+        0, L.seg, (p * L.local1.to(dt)).double()).to(dt)                # sum_j w_j = sum_k p_k (k + 1)
     E = L.d.to(dt) * s
     with torch.no_grad():
         if hard_width == "threshold":
@@ -217,9 +219,9 @@ class _MasksFlatFn(torch.autograd.Function):
             g = (c - starts.index_select(0, L.seg)).to(dt)
         if gE is not None:
             g = g + (L.d.to(dt) * gE.to(dt)).index_select(0, L.seg) * L.local1.to(dt)
-        pg = p * g
-        dot = p.new_zeros(L.G).index_add_(0, L.seg, pg)
-        gu = (pg - p * dot.index_select(0, L.seg)) / ctx.T
+        # <p, g> per group in fp64: index_add sums sequentially (ATen's sum is pairwise), and g ~ d (k+1) gE
+        dot = torch.zeros(L.G, dtype=torch.float64, device=p.device).index_add_(0, L.seg, (p * g).double())
+        gu = p * (g - dot.to(dt).index_select(0, L.seg)) / ctx.T
         return gu.to(ctx.dtype), None, None, None
 
 
@@ -421,3 +423,195 @@ def interleaved(fns: dict[str, Callable], rounds: int = 15, target_s: float = 0.
                 fn()
             out[k].append((time.perf_counter() - t0) / n)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement: every op, fused against every baseline, one process, interleaved
+# ----------------------------------------------------------------------------------------------
+
+KL_SHAPES = [(64, 10), (512, 100), (512, 1000), (4096, 1000), (512, 32000)]
+KL_AUTOGRAD_SHAPES = [(64, 10), (512, 1000)]
+CA_SHAPES = [(512, 100), (512, 1000), (512, 32000)]
+BASELINES = ("reference", "best_eager", "compiled_reference", "compiled_best_eager")
+
+
+def _no_compile_cache() -> None:
+    """Compile times are of a cold compile: inductor's on-disk caches off for this process."""
+    import torch._functorch.config as fc
+    import torch._inductor.config as ic
+
+    ic.fx_graph_cache = False
+    if hasattr(fc, "enable_autograd_cache"):
+        fc.enable_autograd_cache = False
+
+
+def masks_cases():
+    """{name: (fused, {baseline: fn}, extra eager variants)} for channel_masks fwd+bwd on ResNet-50's groups."""
+    import s2h_kernels
+    from s2h_kernels import reference
+    from test_bench_channel_masks import packed_inputs, step
+
+    u, offsets, grads = packed_inputs("cpu")
+    offs = offsets.tolist()
+    run = lambda f: step(lambda u_, o: f(u_), u, offsets, grads)  # noqa: E731
+    ref = lambda u_: reference.channel_masks(u_, offs)  # noqa: E731
+    eager = channel_masks_for(offs, closed_form="flat")
+    cref = compiled("channel_masks reference", ref, run)
+    ceager = compiled("channel_masks eager segmented, autograd", eager, run)
+    cpad = compiled("channel_masks eager padded, closed form", channel_masks_for(offs, closed_form=True), run)
+    name = f"channel_masks fwd+bwd, ResNet-50 ({len(offs) - 1} groups, {offs[-1]} channels)"
+    fns = {
+        "fused": lambda: step(s2h_kernels.channel_masks, u, offsets, grads),
+        "reference": lambda: run(ref),
+        "eager: segmented, closed form": lambda: step(channel_masks_flat_cf, u, offsets, grads),
+        "eager: padded, closed form": lambda: step(channel_masks_eager, u, offsets, grads),
+        "eager: segmented, autograd": lambda: run(eager),
+        "compiled_reference": lambda: run(cref),
+        "compiled: segmented, autograd": lambda: run(ceager),
+        "compiled: padded, closed form": lambda: run(cpad),
+    }
+    return {name: fns}
+
+
+def _kl_inputs(B, C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(B, C, generator=g), 2.0 * torch.randn(B, C, generator=g)
+
+
+def kl_cases():
+    import s2h_kernels
+    from s2h_kernels import reference
+
+    out = {}
+    for B, C in KL_SHAPES:
+        s, h = _kl_inputs(B, C)
+        cref = compiled(f"kl_gap_with_grads reference B={B} C={C}", reference.kl_gap_with_grads, lambda f: f(s, h))
+        ceager = compiled(f"kl_gap_with_grads best eager B={B} C={C}", kl_gap_with_grads_eager, lambda f: f(s, h))
+        cauto = compiled(f"kl_gap_with_grads autograd form B={B} C={C}", kl_gap_with_grads_autograd,
+                         lambda f: f(s, h))
+        out[f"kl_gap_with_grads B={B} C={C}"] = {
+            "fused": lambda s=s, h=h: s2h_kernels.kl_gap_with_grads(s, h),
+            "reference": lambda s=s, h=h: reference.kl_gap_with_grads(s, h),
+            "eager: closed form": lambda s=s, h=h: kl_gap_with_grads_eager(s, h),
+            "eager: log-target kl_div, one autograd.grad": lambda s=s, h=h: kl_gap_with_grads_autograd(s, h),
+            "paper d1 + d2 (not a baseline: recomputes)": lambda s=s, h=h: _paper_d1_d2(s, h),
+            "compiled_reference": lambda s=s, h=h, f=cref: f(s, h),
+            "compiled: closed form": lambda s=s, h=h, f=ceager: f(s, h),
+            "compiled: autograd form": lambda s=s, h=h, f=cauto: f(s, h),
+        }
+    for B, C in KL_AUTOGRAD_SHAPES:
+        s0, h0 = _kl_inputs(B, C)
+        s, h = s0.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+
+        def with_grad(fn, s=s, h=h):
+            loss = fn(s, h)
+            return torch.autograd.grad(loss, (s, h))
+
+        cref = compiled(f"kl_gap reference B={B} C={C}", lambda a, b: with_grad(reference.kl_gap, a, b),
+                        lambda f: f(s, h))
+        ceager = compiled(f"kl_gap best eager B={B} C={C}", lambda a, b: with_grad(kl_gap_eager, a, b),
+                          lambda f: f(s, h))
+        out[f"kl_gap + autograd.grad B={B} C={C}"] = {
+            "fused": lambda: with_grad(s2h_kernels.kl_gap),
+            "reference": lambda: with_grad(reference.kl_gap),
+            "eager: closed form in a Function": lambda: with_grad(kl_gap_eager),
+            "compiled_reference": lambda f=cref, s=s, h=h: f(s, h),
+            "compiled: closed form in a Function": lambda f=ceager, s=s, h=h: f(s, h),
+        }
+    for B, C in CA_SHAPES:
+        zs0, zt = _kl_inputs(B, C, seed=1)
+        zs = zs0.clone().requires_grad_(True)
+
+        def ca(fn, zs=zs, zt=zt):
+            loss = fn(zs, zt, 4.0)
+            return torch.autograd.grad(loss, zs)
+
+        cref = compiled(f"ca_kld reference B={B} C={C}", lambda a, b: torch.autograd.grad(reference.ca_kld(a, b, 4.0), a),
+                        lambda f: f(zs, zt))
+        ceager = compiled(f"ca_kld best eager B={B} C={C}", lambda a, b: torch.autograd.grad(ca_kld_eager(a, b, 4.0), a),
+                          lambda f: f(zs, zt))
+        out[f"ca_kld + student grad B={B} C={C}"] = {
+            "fused": lambda: ca(s2h_kernels.ca_kld),
+            "reference": lambda: ca(reference.ca_kld),
+            "eager: closed form in a Function": lambda: ca(ca_kld_eager),
+            "compiled_reference": lambda f=cref, zs=zs, zt=zt: f(zs, zt),
+            "compiled: closed form in a Function": lambda f=ceager, zs=zs, zt=zt: f(zs, zt),
+        }
+    return out
+
+
+def _paper_d1_d2(s, h):
+    s = s.detach().requires_grad_(True)
+    h = h.detach().requires_grad_(True)
+    with torch.enable_grad():
+        d1 = F.kl_div(F.log_softmax(h, -1), F.softmax(s.detach(), -1), reduction="batchmean")
+        d2 = F.kl_div(F.log_softmax(h.detach(), -1), F.softmax(s, -1), reduction="batchmean")
+        (gh,) = torch.autograd.grad(d1, h)
+        (gs,) = torch.autograd.grad(d2, s)
+    return d1.detach(), gs, gh
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, float]:
+    """Per-call minimum of each variant; ``best_eager`` / ``compiled_best_eager`` are the fastest of the
+    expert variants (keys ``"eager: ..."`` / ``"compiled: ..."``) in this run."""
+    mins = {k: min(v) for k, v in times.items()}
+    for kind, prefix in (("best_eager", "eager: "), ("compiled_best_eager", "compiled: ")):
+        ks = [k for k in times if k.startswith(prefix)]
+        if ks:
+            mins[kind] = min(mins[k] for k in ks)
+    return mins
+
+
+def ratio_rows(name: str, threads: int, times: dict[str, list[float]]) -> list[str]:
+    """One markdown row: per-call minimum of each variant, baseline / fused ratios of the minima; a second
+    row lists every variant (which expert variant was the best)."""
+    import statistics
+
+    mins = summarize(times)
+    f = mins["fused"]
+    fastest = min((k for k in BASELINES if k in mins), key=mins.get)
+    noise = statistics.median(times["fused"]) / f
+    cells = [name, str(threads), f"{f * 1e6:.1f}"]
+    cells += [f"{mins[k] * 1e6:.1f} ({mins[k] / f:.2f}x)" if k in mins else "" for k in BASELINES]
+    cells += [f"{mins[fastest] / f:.2f}x ({fastest.replace('_', ' ')})", f"{noise:.2f}"]
+    extra = [f"{k}: {mins[k] / f:.2f}x" for k in times if k not in ("fused", "reference", "compiled_reference")]
+    return ["| " + " | ".join(cells) + " |"] + ([f"|  | variants: {'; '.join(extra)} | | | | | | | |"] if extra else [])
+
+
+def main() -> None:
+    import argparse
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--only", choices=("masks", "kl"), default=None)
+    args = ap.parse_args()
+    _no_compile_cache()
+    cases = {}
+    torch.set_num_threads(max(args.threads))
+    if args.only in (None, "masks"):
+        cases.update(masks_cases())
+    if args.only in (None, "kl"):
+        cases.update(kl_cases())
+    head = ("| case | threads | fused us | reference | best eager | compiled reference | compiled best eager | "
+            "vs fastest baseline | fused median/min |")
+    lines = [f"torch {torch.__version__}; load average at start {os.getloadavg()[0]:.1f}; {args.rounds} rounds, "
+             "interleaved; times: minimum over rounds of the per-call mean (us), ratio = baseline / fused", "",
+             head, "|" + "---|" * 9]
+    print("\n".join(lines), flush=True)
+    for t in args.threads:
+        torch.set_num_threads(t)
+        for name, fns in cases.items():
+            rows = ratio_rows(name, t, interleaved(fns, rounds=args.rounds))
+            print("\n".join(rows), flush=True)
+            lines += rows
+    lines += ["", "Compile seconds (first call, inductor, cold caches; excluded from the times above):", ""]
+    lines += [f"- {k}: {v:.1f} s" for k, v in compile_seconds().items()]
+    print("\n".join(lines[-len(compile_seconds()) - 3:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,18 @@
-"""Channel masks, forward + backward, for all of ResNet-50's dependency groups in one call,
-against eager per-group PyTorch (s2h_kernels.reference). `make bench`; ratios: benchmarks/report.py."""
+"""Channel masks, forward + backward, for all of ResNet-50's dependency groups in one call: the fused op
+against the reference (per-group eager loop, s2h_kernels.reference), the best eager code a PyTorch
+expert would write (benchmarks/baselines.py: segmented or padded, closed-form backward) and
+torch.compile of the reference and of the best eager code (compile time excluded, in
+``extra_info["compile_s"]``). `make bench`; ratios: benchmarks/report.py (against each baseline and
+the fastest). Interleaved ratios in one process: ``python benchmarks/baselines.py``."""
 import functools
+import time
 
 import pytest
 import torch
 import torch_pruning as tp
 import torchvision
 
+import baselines
 import s2h_kernels
 from s2h_kernels import reference
 
@@ -37,24 +43,39 @@ def step(fn, u, offsets, grads):
     return u.grad
 
 
+def impls(offs):
+    """name -> (fn(u, offsets) -> (w, E, keep), compile?)"""
+    return {
+        "fused": (s2h_kernels.channel_masks, False),
+        "reference": (lambda u, o: reference.channel_masks(u, offs), False),
+        "best_eager_segmented": (baselines.channel_masks_flat_cf, False),
+        "best_eager_padded": (baselines.channel_masks_eager, False),
+        "compiled_reference": (lambda u, o: reference.channel_masks(u, offs), True),
+        "compiled_best_eager_segmented": (baselines.channel_masks_for(offs, closed_form="flat"), True),
+        "compiled_best_eager_padded": (baselines.channel_masks_for(offs, closed_form=True), True),
+    }
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+IMPLS = list(impls([0, 1]))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_masks_eager(benchmark, device):
+def test_masks(benchmark, device, impl):
     u, offsets, grads = packed_inputs(device)
     offs = offsets.tolist()
-    benchmark.group = f"channel_masks resnet50 ({len(offs) - 1} groups, {offs[-1]} channels) {device}"
-    grad = benchmark(step, lambda u, o: reference.channel_masks(u, offs), u, offsets, grads)
-    assert torch.isfinite(grad).all()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_masks_fused(benchmark, device):
-    u, offsets, grads = packed_inputs(device)
-    offs = offsets.tolist()
-    benchmark.group = f"channel_masks resnet50 ({len(offs) - 1} groups, {offs[-1]} channels) {device}"
-    grad = benchmark(step, s2h_kernels.channel_masks, u, offsets, grads)
+    benchmark.group = f"channel_masks resnet50 ({len(offs) - 1} groups, {offs[-1]} channels) {device} " \
+                      f"{torch.get_num_threads()}t"
+    fn, comp = impls(offs)[impl]
+    if comp:
+        f = fn if impl == "compiled_reference" else (lambda u_, o, fn=fn: fn(u_))
+        cf = torch.compile(f)
+        t0 = time.perf_counter()
+        step(cf, u, offsets, grads)
+        benchmark.extra_info["compile_s"] = round(time.perf_counter() - t0, 2)
+        fn = cf
+    grad = benchmark(step, fn, u, offsets, grads).clone()
     expected = step(lambda u, o: reference.channel_masks(u, offs), u.detach().clone().requires_grad_(True), offsets,
                     grads)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""KL gap, forward and both gradients: the fused op against the paper's eager d1 + d2 (docs/DESIGN.md §2).
+"""KL gap, forward and both gradients: the fused op against the reference, the best eager code, both
+under torch.compile, and the paper's eager d1 + d2 (docs/DESIGN.md §2).
 
     .venv/bin/python -m pytest benchmarks/test_bench_kl_gap.py --benchmark-only \
         --benchmark-columns=min,median,mean,rounds --benchmark-json=/tmp/kl_cpu.json
@@ -7,7 +8,13 @@
 One group per shape (B rows, C classes), fp32 logits on the CPU, torch's default threads (or
 ``S2H_BENCH_THREADS``):
 
-* ``eager``: ``d1 = F.kl_div(log_softmax(h/T), softmax(s.detach()/T))`` and
+* ``reference``: ``s2h_kernels.reference.kl_gap_with_grads`` (eager autograd of the reference KL).
+* ``best_eager``: benchmarks/baselines.py ``kl_gap_with_grads_eager``: softmaxes once, both gradients
+  in closed form, in place (what a PyTorch expert writes); ``best_eager_autograd``: log-target
+  ``F.kl_div`` and one ``autograd.grad``.
+* ``compiled_reference`` / ``compiled_best_eager`` / ``compiled_best_eager_autograd``: the same under
+  ``torch.compile`` (inductor), compiled before timing (seconds in ``extra_info["compile_s"]``).
+* ``eager`` (the paper's, not a best baseline: each softmax twice): ``d1 = F.kl_div(log_softmax(h/T), softmax(s.detach()/T))`` and
   ``d2 = F.kl_div(log_softmax(h.detach()/T), softmax(s/T))``, batchmean, and their gradients
   (``torch.autograd.grad(d1, h)``, ``torch.autograd.grad(d2, s)``): what the paper's code runs.
 * ``fused``: ``s2h_kernels.kl_gap_with_grads`` (loss, grad_soft, grad_hard), the trainer's path.
@@ -29,13 +36,16 @@ this method: the fused CPU kernel takes none (its per-row state lives on the sta
 import json
 import os
 import tempfile
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import baselines
 import s2h_kernels
+from s2h_kernels import reference
 
 T = 1.0
 SHAPES = [(B, C) for B in (64, 512, 4096) for C in (10, 100, 1000, 32000)]
@@ -77,7 +87,16 @@ def fused_autograd(s, h):
     return loss.detach(), gs, gh
 
 
-IMPLS = {"eager": eager, "fused": fused, "fused_autograd": fused_autograd}
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+IMPLS = {"eager": eager, "fused": fused, "fused_autograd": fused_autograd,
+         "reference": lambda s, h: reference.kl_gap_with_grads(s, h, T, "batchmean"),
+         "best_eager": lambda s, h: baselines.kl_gap_with_grads_eager(s, h, T, "batchmean"),
+         "best_eager_autograd": lambda s, h: baselines.kl_gap_with_grads_autograd(s, h, T, "batchmean")}
+COMPILED = {"compiled_reference": "reference", "compiled_best_eager": "best_eager",
+            "compiled_best_eager_autograd": "best_eager_autograd"}
 
 
 def check(impl, out, s, h):
@@ -128,12 +147,18 @@ def rounds_for(n: int) -> dict:
     return dict(rounds=max(3, min(30, int(3e7 // n))), iterations=max(1, min(50, int(2e5 // n))), warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", list(IMPLS) + list(COMPILED))
 @pytest.mark.parametrize("B,C", SHAPES, ids=[f"B{B}-C{C}" for B, C in SHAPES])
 def test_kl_gap(benchmark, impl, B, C):
     benchmark.group = f"kl_gap B={B} C={C} cpu {THREADS}t"
-    fn = IMPLS[impl]
     s, h = make_inputs(B, C)
+    if impl in COMPILED:
+        fn = compiled(IMPLS[COMPILED[impl]])
+        t0 = time.perf_counter()
+        fn(s, h)
+        benchmark.extra_info["compile_s"] = round(time.perf_counter() - t0, 2)
+    else:
+        fn = IMPLS[impl]
     out = benchmark.pedantic(fn, args=(s, h), **rounds_for(B * C))
     check(impl, out, s, h)
     del out
