@@ -12,12 +12,13 @@ from .structured.layers import S2HBatchNorm1d, S2HBatchNorm2d, S2HConv2d, S2HLay
 from .structured.masks import branch, current_branch
 from .structured.model import S2HModel
 from .structured.reference import S2HReference
-from .structured.step import NonFiniteLossError, S2HPruner
+from .structured.step import PAPER_SETTINGS, NonFiniteLossError, S2HPruner, StepStats
 from . import data, engine, models, sparse, structured, unstructured
 from . import oneshot, plots  # deprecated paths (names read from them warn)
 
 __all__ = [
     "NonFiniteLossError",
+    "PAPER_SETTINGS",
     "S2HPruner",
     "S2HReference",
     "S2HBatchNorm1d",
@@ -26,6 +27,7 @@ __all__ = [
     "S2HLayerNorm",
     "S2HLinear",
     "S2HModel",
+    "StepStats",
     "branch",
     "convert",
     "current_branch",
