@@ -420,11 +420,13 @@ def _attention_group(e: _Entry) -> GroupInfo | None:
     return GroupInfo(name=e.name, channels=channels, divisor=divisor, members=members)
 
 
-def prepare(model: nn.Module, ignored: Sequence[nn.Module] = (), divisor: int = 1) -> AttentionPlan:
+def prepare(model: nn.Module, ignored: Sequence[nn.Module] = (), divisor: int = 1,
+            converters: Sequence = ()) -> AttentionPlan:
     """Swap every known attention module of ``model`` (in place) for its S2H module.
 
     An attention module in ``ignored`` (or whose ``qkv``/``out_proj`` is) is swapped too, but gets
-    no mask group: it runs at full width in every branch. Raises a ValueError naming the module for
+    no mask group: it runs at full width in every branch. ``converters``: more ``f(name, module)``
+    returning an S2H attention module or None, tried first (timm's attention). Raises a ValueError naming the module for
     an attention module S2H cannot prune (Swin V2, cross-attention ``nn.MultiheadAttention``).
     """
     ignored_set = {id(m) for m in ignored}
@@ -433,7 +435,7 @@ def prepare(model: nn.Module, ignored: Sequence[nn.Module] = (), divisor: int = 
     for name, m in model.named_modules():
         if m in swap:
             continue
-        new = _s2h_module_for(name, m)
+        new = next((c for c in (f(name, m) for f in converters) if c is not None), None) or _s2h_module_for(name, m)
         if new is None:
             continue
         subs = [m] + list(m.children())

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import attention
+from .attention_timm import s2h_timm_attention
 from .flops import FlopsTable, LayerCost, flops_of
 from .groups import KeptGroup, ModelOutputError, find_groups, reorder_channels, trace_errors
 from .kinds import layer_kind
@@ -155,7 +156,8 @@ def convert(model: nn.Module, example_inputs, target_flops: float = 0.15, ignore
     if not inplace:
         model = copy.deepcopy(model)
     ignored, _ = _resolve_ignored(model, ignored_names or None)
-    plan = attention.prepare(model, ignored, divisor)  # Transformers: S2H attention, head groups
+    # Transformers: S2H attention modules (torchvision's, s2h's, timm's), head groups
+    plan = attention.prepare(model, ignored, divisor, converters=(s2h_timm_attention,))
     kept: list[KeptGroup] = []
     found = find_groups(model, inputs, ignored + plan.ignored, divisor, strict=strict, kept=kept,
                         check_output=_check_output)

@@ -172,6 +172,47 @@ def _trace(model: nn.Module, inputs, check_output) -> Any:
             p.requires_grad_(g)
 
 
+def _has_pruning_op(self, dep, idxs) -> bool:
+    """``Group.has_pruning_op`` in O(1): a set of (target, handler, idxs) kept up to date with the group."""
+    seen = self.__dict__.setdefault("_s2h_seen", set())
+    n = self.__dict__.get("_s2h_n", 0)
+    for d, i in self._group[n:]:
+        seen.add((d.target, d.handler, tuple(i)))
+    self._s2h_n = len(self._group)
+    return (dep.target, dep.handler, tuple(idxs)) in seen
+
+
+def _add_and_merge(self, dep, idxs) -> None:
+    """``Group.add_and_merge`` (same result) with the items indexed by (target, handler)."""
+    pos = self.__dict__.setdefault("_s2h_pos", {})
+    key = (dep.target, dep.handler)
+    hit = pos.get(key)
+    if hit is None:
+        merged = list(idxs)
+        pos[key] = (len(self._group), merged, {i.idx for i in merged})
+        self._group.append(_tp()._helpers.GroupItem(dep=dep, idxs=merged))
+        return
+    _, merged, seen = hit
+    for index in idxs:
+        if index.idx not in seen:
+            merged.append(index)
+            seen.add(index.idx)
+
+
+@contextlib.contextmanager
+def _fast_group_search():
+    """Torch-Pruning's group search scans the whole group for every edge it follows and every
+    item it merges (quadratic: 27 s for MobileViTv2); swap in indexed versions while s2h builds
+    the groups."""
+    group_cls = _tp().dependency.group.Group
+    originals = group_cls.has_pruning_op, group_cls.add_and_merge
+    group_cls.has_pruning_op, group_cls.add_and_merge = _has_pruning_op, _add_and_merge
+    try:
+        yield
+    finally:
+        group_cls.has_pruning_op, group_cls.add_and_merge = originals
+
+
 def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Module] = (),
                 divisor: int = 1, strict: bool = True, kept: list[KeptGroup] | None = None,
                 check_output=None) -> list[GroupInfo]:
@@ -187,8 +228,9 @@ def find_groups(model: nn.Module, example_inputs, ignored_layers: Sequence[nn.Mo
     names = {m: n for n, m in model.named_modules()}
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     dg = _trace(model, inputs, check_output)
-    raw = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
-                                 root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
+    with _fast_group_search():
+        raw = list(dg.get_all_groups(ignored_layers=list(ignored_layers),
+                                     root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
     fine_ops = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp, tp.ops._ConcatOp)
     order = {n: i for i, n in enumerate(names.values())}
     groups: list[GroupInfo] = []
