@@ -9,9 +9,8 @@
         stats = pruner.step(x, y)                      # one iteration of Algorithm 1
     small = model.export()
 
-Defaults (:data:`~s2h.structured.step_base.DEFAULTS`) reach the FLOPs target in a short run;
-``**PAPER_SETTINGS`` (``ce_coef=0.5, gap_coef=5, resource_target="soft"``) reproduce the paper's
-CNN runs. Gradients, balancing, Table 5: :mod:`s2h.structured.step_base`.
+Defaults (``DEFAULTS``) reach the FLOPs target in a short run; ``**PAPER_SETTINGS`` (``ce_coef=0.5,
+gap_coef=5, resource_target="soft"``) reproduce the paper's CNN runs. The rest: :mod:`.step_base`.
 
 **Recipes.** ``step(x, y)`` is ``backward(x, y)`` (phases 1–5 for one micro-batch, gradients
 accumulated) then ``update()`` (phases 6–7): ``accumulate=N`` (or calling ``backward`` N times,
@@ -277,8 +276,7 @@ class S2HPruner(S2HStepBase):
         stats.set_host(updated=True)
         return stats
 
-    def abort(self) -> None:
-        """Drop the accumulated gradients and masks (nothing is updated)."""
+    def abort(self) -> None:  # drop the accumulated gradients and masks (nothing is updated)
         self._state = None
         self.model.mask_state.clear()
         self.zero_grads()
