@@ -9,6 +9,10 @@
   small inputs (``image_size <= 64``) the usual CIFAR stem (3x3 stride-1 first conv, no max-pool),
   so 8x8 or 32x32 inputs are not reduced to nothing before the first block.
 
+* ``timm:NAME``: any timm model (``timm:resnet50``, ``timm:vit_tiny_patch16_224``, ...), built with
+  ``pretrained=False`` (nothing is downloaded), ``num_classes`` and ``in_chans``; ViT-like models
+  get ``img_size=image_size`` when given.
+
 What a run saved (``spec`` of a one-shot model, the ``--model`` of a prune run) is rebuilt with
 the same call.
 """
@@ -56,6 +60,22 @@ def _adapt_torchvision(model: nn.Module, in_channels: int, image_size: int | Non
     return model
 
 
+def _build_timm(name: str, num_classes: int, in_channels: int, image_size: int | None) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError(f"build_model: 'timm:{name}' needs timm: pip install timm") from e
+    if name not in timm.list_models():
+        raise ValueError(f"build_model: unknown timm model {name!r} (see timm.list_models())")
+    kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+    if image_size is not None:
+        try:  # ViT/DeiT/Swin take the input size; CNNs do not need it
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(name, **kwargs)
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None,
                 widths: Sequence[int] | None = None) -> nn.Module:
     """A freshly initialised model by name (see the module docstring for the names).
@@ -70,6 +90,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     """
     if num_classes < 1:
         raise ValueError(f"build_model: num_classes must be positive, got {num_classes}")
+    if name.lower().startswith("timm:"):
+        return _build_timm(name[5:], num_classes, in_channels, image_size)
     key = name.lower()
     depth = _cifar_resnet_depth(key)
     if depth is not None:
