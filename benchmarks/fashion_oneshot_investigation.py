@@ -111,14 +111,19 @@ def kept_counts(masks: dict) -> str:
     return ", ".join(f"{int(m.sum())}" for m in masks.values())
 
 
-def evaluate_variant(study, student, scores, sparsity, data, cache_fn, epochs) -> tuple[float, float, str]:
-    from s2h.unstructured import apply_masks, prune
+def evaluate_variant(study, student, scores, sparsity, data, cache_fn, epochs, batches) -> tuple[float, float, str]:
+    """Top-1 of the pruned student with its BatchNorm statistics re-estimated (epochs=0), or after
+    ``epochs`` of KD retraining on the sweep's batches; and the weights kept per layer."""
+    from s2h.unstructured import apply_masks, prune, recalibrate_bn
 
     net = copy.deepcopy(student)
     masks = prune(net, scores, sparsity)
     before = fc.accuracy(net, data.x_test, data.y_test)
-    fc.train_supervised(net, data, epochs, 1000, loss_fn=fo.kd_loss_fn(cache_fn(), study),
-                        after_step=lambda: apply_masks(net, masks), lr=study.lr)
+    if epochs == 0:
+        recalibrate_bn(net, batches, batches=16)
+    else:
+        fc.train_supervised(net, data, epochs, 1000, loss_fn=fo.kd_loss_fn(cache_fn(), study),
+                            after_step=lambda: apply_masks(net, masks), lr=study.lr)
     return before, fc.accuracy(net, data.x_test, data.y_test), kept_counts(masks)
 
 
@@ -128,16 +133,40 @@ def variants_table(study, student, teacher, batches, data, epochs, sparsities) -
     sizes = ", ".join(f"{n} {p.numel()}" for n, p in prunable_weights(student).items())
     lines = [f"Weights kept per layer ({sizes}).", "",
              "| importance variant | sparsity | top-1 pruned, no retraining | top-1 after "
-             f"{epochs} epochs KD retraining | weights kept per layer |", "|---|---:|---:|---:|---|"]
+             + (f"{epochs} epochs KD retraining" if epochs else "BatchNorm re-estimated (16 batches)")
+             + " | weights kept per layer |", "|---|---:|---:|---:|---|"]
     cache_fn = lambda: fo.teacher_logits(study, teacher, data, epochs, 1000)  # noqa: E731
     for label, cfg in VARIANTS:
         t0 = time.perf_counter()
         scores = magnitude_importance(student) if cfg is None else hand_scores(student, teacher, batches,
                                                                                 {**DEFAULT, **cfg})
         for s in sparsities:
-            before, after, kept = evaluate_variant(study, student, scores, s, data, cache_fn, epochs)
+            before, after, kept = evaluate_variant(study, student, scores, s, data, cache_fn, epochs, batches)
             lines.append(f"| {label} | {100 * s:g}% | {before:.2f} | {after:.2f} | {kept} |")
         print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return lines
+
+
+def scope_table(study, student, teacher, batches, data, epochs, sparsities) -> list[str]:
+    """Part C: the same scores under per-layer sparsity (``prune(scope="layer")``) instead of one global
+    threshold: does grad-kd beat the others once no layer can be emptied?"""
+    from s2h.unstructured import apply_masks, magnitude_importance, prune
+
+    lines = ["| importance | sparsity | scope | top-1 pruned, no retraining | top-1 after "
+             f"{epochs} epochs KD retraining | weights kept per layer |", "|---|---:|---|---:|---:|---|"]
+    cache = fo.teacher_logits(study, teacher, data, epochs, 1000)
+    for label, cfg in [VARIANTS[0], VARIANTS[1], VARIANTS[3]]:
+        scores = magnitude_importance(student) if cfg is None else hand_scores(student, teacher, batches,
+                                                                                {**DEFAULT, **cfg})
+        for s in sparsities:
+            net = copy.deepcopy(student)
+            masks = prune(net, scores, s, scope="layer")
+            before = fc.accuracy(net, data.x_test, data.y_test)
+            fc.train_supervised(net, data, epochs, 1000, loss_fn=fo.kd_loss_fn(cache, study),
+                                after_step=lambda: apply_masks(net, masks), lr=study.lr)
+            lines.append(f"| {label} | {100 * s:g}% | layer | {before:.2f} | "
+                         f"{fc.accuracy(net, data.x_test, data.y_test):.2f} | {kept_counts(masks)} |")
+        print(f"layer scope, {label}", flush=True)
     return lines
 
 
@@ -145,8 +174,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(fo.Study.work))
     p.add_argument("--epochs", type=int, default=fo.Study.epochs, help="KD retraining epochs per variant (default: the sweep's)")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.95, 0.98])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--scope-layer", action="store_true", help="part C only: per-layer sparsity")
     p.add_argument("--smoke", action="store_true", help="on the work folder of fashion_oneshot.py --smoke")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -162,6 +192,12 @@ def main(argv=None) -> None:
             break
         batches.append((x, y))
     t0 = time.perf_counter()
+    if a.scope_layer:
+        lines = scope_table(study, student, teacher, batches, data, a.epochs, a.sparsities)
+        Path(a.out).write_text("\n".join(["## C. Per-layer sparsity instead of one global threshold", "",
+                                           f"Seed-0 dense student, {fc.machine_line()}.", "", *lines, ""]))
+        print(f"wrote {a.out}")
+        return
     check = gradient_check(student, teacher, batches)
     print("\n".join(check), flush=True)
     table = variants_table(study, student, teacher, batches, data, a.epochs, a.sparsities)

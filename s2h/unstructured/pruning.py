@@ -97,9 +97,27 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def _reserve(flat: list[torch.Tensor], min_density: float, keep: int) -> list[torch.Tensor]:
+    """Scores with each layer's top ``ceil(min_density * n_layer)`` raised to +inf (never pruned)."""
+    if not (0.0 <= float(min_density) <= 1.0):
+        raise ValueError(f"prune: min_density must be in [0, 1], got {min_density!r}")
+    if min_density == 0:
+        return flat
+    counts = [min(t.numel(), math.ceil(min_density * t.numel())) for t in flat]
+    if sum(counts) > keep:
+        raise ValueError(f"prune: min_density={min_density} keeps {sum(counts)} weights but the sparsity "
+                         f"keeps only {keep}; lower min_density or the sparsity")
+    out = []
+    for t, c in zip(flat, counts):
+        t = t.clone()
+        t[torch.sort(-t, stable=True).indices[:c]] = float("inf")
+        out.append(t)
+    return out
+
+
 def prune(model: nn.Module, scores: Mapping[str, torch.Tensor], sparsity: float,
           exclude: Iterable[str] | None = DEFAULT_EXCLUDE, scope: str = "global",
-          apply: bool = True) -> "OrderedDict[str, torch.Tensor]":
+          apply: bool = True, min_density: float = 0.0) -> "OrderedDict[str, torch.Tensor]":
     """Keep the highest-scoring weights; return ``{param_name: bool mask}`` (True = kept).
 
     Exactly ``round(sparsity * n_prunable)`` weights are removed (``n_prunable`` counts the weights
@@ -107,6 +125,11 @@ def prune(model: nn.Module, scores: Mapping[str, torch.Tensor], sparsity: float,
     threshold); ``scope="layer"`` prunes each layer to (nearly) the same sparsity. Ties are broken
     by position: layer order, then flat index. ``apply=True`` zeroes the pruned weights in place.
     Scores for excluded layers are ignored; a missing or misshapen score is an error.
+
+    ``min_density`` (global scope): every layer keeps at least ``ceil(min_density * n_layer)`` of its
+    highest-scoring weights, the rest still go by the one global threshold and the total is still
+    exact. One global threshold can empty a layer at high sparsity (the network is then cut in
+    two and no retraining can recover); ``min_density=0`` (the default) is the plain threshold.
     """
     s = check_sparsity("prune", sparsity)
     if scope not in ("global", "layer"):
@@ -129,7 +152,7 @@ def prune(model: nn.Module, scores: Mapping[str, torch.Tensor], sparsity: float,
     n = sum(sizes)
     k = int(round(s * n))
     if scope == "global":
-        keep_flat = _lowest_k(torch.cat(flat), k).split(sizes)
+        keep_flat = _lowest_k(torch.cat(_reserve(flat, min_density, n - k)), k).split(sizes)
     else:
         keep_flat = [_lowest_k(t, kl) for t, kl in zip(flat, _layer_counts(sizes, s, k))]
     masks: OrderedDict[str, torch.Tensor] = OrderedDict()
