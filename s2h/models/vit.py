@@ -19,7 +19,7 @@ shifted-window mask, relative position bias) and computes the same function.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,15 +69,16 @@ def token_attention(x: torch.Tensor, qkv: Callable, proj: Callable, head_dim: in
     return (out, probs) if need_weights else out
 
 
-def _shift_mask(pad_h: int, pad_w: int, window: Sequence[int], shift: Sequence[int], device, dtype) -> torch.Tensor:
+def _shift_mask(pad_h: int, pad_w: int, window: List[int], shift: List[int], device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
     """The shifted-window attention mask ``[num_windows, Nw, Nw]`` (0 or -100), as torchvision builds it."""
     mask = torch.zeros((pad_h, pad_w), device=device, dtype=dtype)
-    h_slices = ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None))
-    w_slices = ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None))
+    h_cuts = [0, pad_h - window[0], pad_h - shift[0], pad_h]
+    w_cuts = [0, pad_w - window[1], pad_w - shift[1], pad_w]
     count = 0
-    for h in h_slices:
-        for w in w_slices:
-            mask[h[0]:h[1], w[0]:w[1]] = count
+    for i in range(3):
+        for j in range(3):
+            mask[h_cuts[i]:h_cuts[i + 1], w_cuts[j]:w_cuts[j + 1]] = count
             count += 1
     nw = (pad_h // window[0]) * (pad_w // window[1])
     mask = mask.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
@@ -86,12 +87,54 @@ def _shift_mask(pad_h: int, pad_w: int, window: Sequence[int], shift: Sequence[i
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
-def window_geometry(h: int, w: int, window: Sequence[int], shift: Sequence[int]):
+def window_geometry(h: int, w: int, window: List[int], shift: List[int]) -> Tuple[int, int, int, List[int]]:
     """(padded H, padded W, number of windows, effective shift) of a ``[B, h, w, C]`` input."""
     pad_h = h + (window[0] - h % window[0]) % window[0]
     pad_w = w + (window[1] - w % window[1]) % window[1]
     shift = [0 if window[0] >= pad_h else shift[0], 0 if window[1] >= pad_w else shift[1]]
     return pad_h, pad_w, (pad_h // window[0]) * (pad_w // window[1]), shift
+
+
+def _to_windows(x: torch.Tensor, window: List[int], shift: List[int], pad_h: int, pad_w: int) -> torch.Tensor:
+    """``[B, H, W, C]`` padded, shifted, cut into windows: ``[B * windows, window tokens, C]``."""
+    B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    x = F.pad(x, (0, 0, 0, pad_w - W, 0, pad_h - H))
+    if shift[0] + shift[1] > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x = x.view(B, pad_h // window[0], window[0], pad_w // window[1], window[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], C)
+
+
+def _from_windows(x: torch.Tensor, B: int, H: int, W: int, window: List[int], shift: List[int], pad_h: int,
+                  pad_w: int) -> torch.Tensor:
+    c_out = x.shape[-1]
+    x = x.view(B, pad_h // window[0], pad_w // window[1], window[0], window[1], c_out)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_h, pad_w, c_out)
+    if shift[0] + shift[1] > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+def _window_core(qkv: torch.Tensor, B: int, num_heads: int, scale: float, relative_position_bias: torch.Tensor,
+                 window: List[int], shift: List[int], pad_h: int, pad_w: int, attn_drop: float, training: bool,
+                 dim_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention within windows from ``qkv`` ``[B*nw, n, 3*h*d]``: the heads' outputs ``[B*nw, n, h*d]``."""
+    bnw, n = qkv.shape[0], qkv.shape[1]
+    qkv = qkv.reshape(bnw, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [B*nw, h, n, d]
+    if dim_mask is not None:
+        m = dim_mask.to(q.dtype)
+        q, v = q * m, v * m
+    attn = (q * scale).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if shift[0] + shift[1] > 0:
+        mask = _shift_mask(pad_h, pad_w, window, shift, qkv.device, attn.dtype)
+        nw = bnw // B
+        attn = attn.view(B, nw, num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, n, n)
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, attn_drop, training)
+    return attn.matmul(v).transpose(1, 2).reshape(bnw, n, -1)
 
 
 def window_attention(x: torch.Tensor, qkv: Callable, proj: Callable, num_heads: int, scale: float,
@@ -105,34 +148,14 @@ def window_attention(x: torch.Tensor, qkv: Callable, proj: Callable, num_heads: 
     dimensions) scales each head's query dims (so dim j's share of q·k is scaled) and value dims
     (so its share of the output is scaled).
     """
-    B, H, W, C = x.shape
-    pad_h, pad_w, nw, shift = window_geometry(H, W, window, shift)
-    x = F.pad(x, (0, 0, 0, pad_w - W, 0, pad_h - H))
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    x = x.view(B, pad_h // window[0], window[0], pad_w // window[1], window[1], C)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * nw, window[0] * window[1], C)
-    n = x.shape[1]
-    q, k, v = qkv(x).reshape(B * nw, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B*nw, h, n, d]
-    if dim_mask is not None:
-        m = dim_mask.to(q.dtype)
-        q, v = q * m, v * m
-    attn = (q * scale).matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
-    if sum(shift) > 0:
-        mask = _shift_mask(pad_h, pad_w, window, shift, x.device, attn.dtype)
-        attn = attn.view(B, nw, num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, n, n)
-    attn = F.softmax(attn, dim=-1)
-    attn = F.dropout(attn, attn_drop, training)
-    x = attn.matmul(v).transpose(1, 2).reshape(B * nw, n, -1)
-    x = F.dropout(proj(x), proj_drop, training)
-    c_out = x.shape[-1]
-    x = x.view(B, pad_h // window[0], pad_w // window[1], window[0], window[1], c_out)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_h, pad_w, c_out)
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-    return x[:, :H, :W, :].contiguous()
+    B, H, W = x.shape[0], x.shape[1], x.shape[2]
+    window = list(window)
+    pad_h, pad_w, _, shift = window_geometry(H, W, window, list(shift))
+    t = _to_windows(x, window, shift, pad_h, pad_w)
+    out = _window_core(qkv(t), B, num_heads, scale, relative_position_bias, window, shift, pad_h, pad_w,
+                       attn_drop, training, dim_mask)
+    out = F.dropout(proj(out), proj_drop, training)
+    return _from_windows(out, B, H, W, window, shift, pad_h, pad_w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +182,14 @@ class Attention(nn.Module):
         return F.dropout(self.proj(x), self.proj_drop, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return token_attention(x, self.qkv, self._proj, self.head_dim, self.scale, self.attn_drop, self.training)
+        # token_attention written out, so that torch.jit.script compiles it (no callables passed)
+        B, N = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(B, N, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, h, N, d]
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        attn = F.dropout(attn, self.attn_drop, self.training)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+        return F.dropout(self.proj(out), self.proj_drop, self.training)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}"
@@ -207,8 +237,14 @@ class WindowAttention(nn.Module):
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return window_attention(x, self.qkv, self.proj, self.num_heads, self.scale, self.get_relative_position_bias(),
-                                self.window_size, self.shift_size, self.attention_dropout, self.dropout, self.training)
+        # window_attention written out, so that torch.jit.script compiles it (no callables passed)
+        B, H, W = x.shape[0], x.shape[1], x.shape[2]
+        pad_h, pad_w, _, shift = window_geometry(H, W, self.window_size, self.shift_size)
+        t = _to_windows(x, self.window_size, shift, pad_h, pad_w)
+        out = _window_core(self.qkv(t), B, self.num_heads, self.scale, self.get_relative_position_bias(),
+                           self.window_size, shift, pad_h, pad_w, self.attention_dropout, self.training)
+        out = F.dropout(self.proj(out), self.dropout, self.training)
+        return _from_windows(out, B, H, W, self.window_size, shift, pad_h, pad_w)
 
     def extra_repr(self) -> str:
         return (f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}, "
@@ -240,7 +276,7 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:

@@ -64,9 +64,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.vit import Attention, WindowAttention, token_attention, window_attention, window_geometry
@@ -213,10 +214,30 @@ class MultiheadSelfAttention(Attention):
 
     batch_first = True
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        return _mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                            average_attn_weights, is_causal)
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # written out (no callables) so that torch.jit.script compiles the exported model
+        if not torch.jit.is_scripting():
+            if key is not query or value is not query:
+                raise RuntimeError("MultiheadSelfAttention: only self-attention (query is key is value) is supported")
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise RuntimeError("MultiheadSelfAttention: attention masks are not supported")
+        x = query if self.batch_first else query.transpose(0, 1)
+        B, N = x.shape[0], x.shape[1]
+        qkv = self.qkv(x).reshape(B, N, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        probs: Optional[torch.Tensor] = None
+        if need_weights:
+            probs = attn.mean(1) if average_attn_weights else attn
+        attn = F.dropout(attn, self.attn_drop, self.training)
+        out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+        out = F.dropout(out, self.proj_drop, self.training)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, probs
 
 
 class S2HMultiheadAttention(S2HAttention):
