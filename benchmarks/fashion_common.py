@@ -199,7 +199,7 @@ def run_parallel(fn: Callable, jobs: list, workers: int, threads: int = 1) -> li
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
+    if not values or any(math.isnan(v) for v in values):
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

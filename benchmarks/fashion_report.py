@@ -37,7 +37,7 @@ def structured_table(study, results: list[dict]) -> tuple[list[str], dict]:
             continue
         groups[(r["method"], _budget_kind(r, study.epochs), r["target"])].append(r)
     lines = ["| method | FLOPs target | top-1 % (mean ± std) | seeds | FLOPs of dense % | params | "
-             "latency b1 ms | latency b64 ms | wall s / run |", "|---|---|---|---|---|---|---|---|---|"]
+             "latency b1 ms | latency b64 ms | wall s / run | CPU s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
     points = {}
     for method, kind, label in STRUCTURED_ROWS:
         for target in ((1.0,) if method == "dense" else study.targets):
@@ -51,9 +51,11 @@ def structured_table(study, results: list[dict]) -> tuple[list[str], dict]:
             lat1 = fc.mean_std([r.get("latency_b1_ms", float("nan")) for r in rs])[0]
             lat64 = fc.mean_std([r.get("latency_b64_ms", float("nan")) for r in rs])[0]
             wall = fc.mean_std([r["wall_s"] + r.get("pretrain_wall_s", 0.0) for r in rs])[0]
+            cpus = [r["cpu_s"] + r.get("pretrain_cpu_s", 0.0) for r in rs if "cpu_s" in r]
+            cpu = f"{fc.mean_std(cpus)[0]:.0f}" if len(cpus) == len(rs) else "—"
             tgt = "—" if method == "dense" else f"{100 * target:g}%"
             lines.append(f"| {label} | {tgt} | {_fmt(top, sd, len(rs))} | {len(rs)} | {flops_range} | "
-                         f"{par / 1e3:.1f}k | {lat1:.3f} | {lat64:.2f} | {wall:.0f} |")
+                         f"{par / 1e3:.1f}k | {lat1:.3f} | {lat64:.2f} | {wall:.0f} | {cpu} |")
             points.setdefault(label, []).append((fl, top, sd))
     return lines, points
 
@@ -132,8 +134,9 @@ def write_structured_report(study, results: list[dict], stem: Path, wall_s: floa
         "- Top-1 of the exported model in eval mode; MACs by `torch.utils.flop_counter.FlopCounterMode` "
         "(FLOPs / 2) on the exported model; latency: median over 25 (batch 1) / 8 (batch 64) eval "
         "forwards after warm-up, 1 thread, after all training finished, every model timed once per round "
-        "in interleaved rounds. Wall time: "
-        "each run's own (Torch-Pruning's includes its dense pre-training).",
+        "in interleaved rounds. Wall time and CPU time (the run's process time; each run uses 1 thread): "
+        "each run's own, Torch-Pruning's including its dense pre-training. Wall time depends on what "
+        "else ran on the machine; CPU time much less so.",
         "",
         "## Results",
         "",
