@@ -176,10 +176,37 @@ class ResultStore:
         p = self.path(key)
         return json.loads(p.read_text()) if p.is_file() else None
 
+    def claim(self, key: str) -> bool:
+        """True if this process may run ``key``: no live process holds its lock (a dead one's is taken over)."""
+        lock = self.folder / f"{key}.lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)
+                return self.claim(key)
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+    def wait(self, key: str, poll_s: float = 10.0) -> dict:
+        """The result of ``key`` once the process holding its lock has written it (or run it here if it died)."""
+        while (done := self.get(key)) is None:
+            if self.claim(key):
+                raise RuntimeError(f"{key}: the process that claimed it died; run the study again to redo it")
+            time.sleep(poll_s)
+        return done
+
     def put(self, key: str, value: dict) -> None:
         tmp = self.path(key).with_suffix(".tmp")
         tmp.write_text(json.dumps(value, indent=1))
         os.replace(tmp, self.path(key))
+        (self.folder / f"{key}.lock").unlink(missing_ok=True)
 
 
 def _init_worker(threads: int) -> None:

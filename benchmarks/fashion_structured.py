@@ -215,6 +215,8 @@ def run_job(args: tuple[Job, Study]) -> dict:
     done = store.get(job.key)
     if done is not None:
         return done
+    if not store.claim(job.key):  # another study process runs this job: wait for its result
+        return store.wait(job.key)
     t0, c0 = time.perf_counter(), time.process_time()
     data = fc.load_fashion(study.n_train, n_test=study.n_test)
     extra: dict = {}
@@ -301,6 +303,9 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=str(Study.work), help="folder of finished runs (resumable)")
     p.add_argument("--results", default=str(RESULTS), help="where the .md and .png go")
     p.add_argument("--no-table5", action="store_true")
+    p.add_argument("--phase", type=int, default=None,
+                   help="run only this phase (0: dense, S2H, uniform; 1: Torch-Pruning, S2H architecture; "
+                        "2: Table 5), e.g. in a second process beside a running study")
     p.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch, 1 seed: checks the pipeline")
     a = p.parse_args(argv)
     study = Study(epochs=a.epochs, seeds=tuple(range(a.seeds)), n_train=a.n_train, targets=tuple(a.targets),
@@ -310,8 +315,12 @@ def main(argv=None) -> None:
                         table5=False, workers=1)
     t0 = time.perf_counter()
     results = []
-    for phase in plan(study):
-        results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+    phases = plan(study)
+    for i, phase in enumerate(phases):
+        if a.phase is None or a.phase == i:
+            results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+    if a.phase is not None:
+        return
     if study.latency:
         measure_latency(study, results)
     from fashion_report import write_structured_report
