@@ -122,7 +122,8 @@ def _fuse_relu(gm: nn.Module) -> int:
             continue
         user = next(iter(node.users))
         is_relu = ((user.op == "call_module" and type(modules.get(user.target)) is nn.ReLU)
-                   or (user.op == "call_function" and user.target in _RELU_FUNCTIONS and not user.kwargs)
+                   or (user.op == "call_function" and user.target in _RELU_FUNCTIONS
+                       and set(user.kwargs) <= {"inplace"})
                    or (user.op == "call_method" and user.target in ("relu", "relu_")))
         if not is_relu or user.args[0] is not node or len(user.args) != 1:
             continue
