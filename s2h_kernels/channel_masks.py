@@ -22,11 +22,13 @@ import torch
 from . import _triton
 from ._backend import check_float, check_same_device, resolve_backend
 from ._registration import define_triton_op, register_fake, register_op
+# The tie tolerance is defined once, in the reference (the oracle); the C++ kernels' kMaskTieRtol
+# (csrc/common/channel_masks.h) is checked equal to it by tests/kernels/test_channel_masks.py.
+from .reference.channel_masks import TIE_RTOL  # noqa: F401
 
 __all__ = ["channel_masks"]
 
 HARD_MODES = {"threshold": 0, "expected": 1}
-TIE_RTOL = 1e-5  # csrc/common/channel_masks.h: kMaskTieRtol
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,15 +57,16 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # ----------------------------------------------------------------------------------------------
 # The shapes each Triton op's launcher is called with. Keyed by custom-op name (stable across file
-# moves). Each generator yields (dtype label, thunk); the thunk calls the launcher (the op's
-# Python kernel: ``CustomOpDef._init_fn``, or the function given to ``Library.impl`` for CUDA) on
-# meta tensors. "full" sweeps every config the
-# launcher can pick; "fast" is a representative subset (the extreme configs), every dtype.
+# moves). Each generator yields (dtype label, shape label, thunk); the thunk calls the launcher (the
+# op's Python kernel: ``CustomOpDef._init_fn``, or the function given to ``Library.impl`` for CUDA)
+# on meta tensors.
 #
-# Hook wanted in s2h_kernels (see the report of issue 19): each launcher exposing the configs it
-# can pick (e.g. ``_launch_cfg(C)`` is already a function for the kl family; dual_linear and spmm
-# pick block sizes inline), so that the shapes below could be derived instead of chosen so that
-# they reach every branch of the launcher's choice.
+# The shapes are derived from each launcher's own ``launch_config`` function (s2h_kernels/_triton/
+# <op>.py): candidate sizes are mapped through it and one size is kept per distinct config, so
+# every config the launcher can pick is compiled and nothing is copied from its code. "full" keeps
+# them all, plus the benchmark sizes; "fast" the smallest and largest config and the benchmark
+# sizes, every dtype. Autotuned kernels (dual_linear) are compiled for every config their
+# autotuner would benchmark for the arguments (after its dtype pruning).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -75,22 +76,46 @@ def _t(shape, dtype, device="meta"):
     return torch.empty(shape, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, device=device)
 
 
-def _kl_classes(full: bool) -> list[int]:
-    # _launch_cfg: BLOCK = min(next_pow2(C), MAX_BLOCK), num_warps = clamp(BLOCK // 256, 1, 16).
-    # Powers of two reach every BLOCK; 1000 and 32000 are benchmark sizes (1000: C not a multiple of 16).
-    return [2 ** i for i in range(13)] + [1000, 32000] if full else [10, 1000, 32000]
+def _distinct(config_of, candidates) -> list:
+    """The first candidate of each distinct ``config_of(candidate)``, in order."""
+    seen: dict = {}
+    for c in candidates:
+        seen.setdefault(repr(sorted(config_of(c).items())), c)
+    return list(seen.values())
+
+
+def _pick(sizes: list, full: bool, extra=()) -> list:
+    chosen = sizes if full else sizes[:1] + sizes[-1:]
+    return sorted(set(chosen) | set(extra))
+
+
+def _kl_classes(config_of, full: bool) -> list[int]:
+    # powers of two up to 2^16 reach every BLOCK / ROWS / warps the launcher can pick; 1000 and
+    # 32000 are benchmark sizes (1000: C not a multiple of 16)
+    return _pick(_distinct(config_of, [2 ** i for i in range(17)]), full, (1000, 32000))
 
 
 def _launch_kl_gap(op, full):
+    import torch
+
+    from s2h_kernels._triton import kl_gap
+
     for dtype in FLOAT_DTYPES:
-        for C in _kl_classes(full):
+        for C in _kl_classes(lambda c: kl_gap.launch_config(c, getattr(torch, dtype)), full):
             x = _t((64, C), dtype)
             yield dtype, f"B=64 C={C}", lambda x=x: op(x, x, 1.0, 1.0)
 
 
 def _launch_ca_kld(op, full):
+    import torch
+
+    from s2h_kernels._triton import ca_kld
+
     for dtype in FLOAT_DTYPES:
-        for C in _kl_classes(full):
+        dt = getattr(torch, dtype)
+        sizes = _kl_classes(lambda c: {"ca_kld": ca_kld.launch_config(c, dt), "top1": ca_kld.launch_config(c, dt, "top1")},
+                            full)
+        for C in sizes:
             x = _t((64, C), dtype)
             # gamma=None launches the top-1 kernel as well; both STD variants.
             yield dtype, f"B=64 C={C} gamma=None std", lambda x=x: op(x, x, 4.0, None, True, 1e-7, 1.0)
@@ -107,6 +132,7 @@ def _mask_inputs(dtype, groups=53, buckets=3000):
 
 
 def _launch_channel_masks(op, full):
+    # launch_config(dtype) has one GPU config per dtype (the group sizes are on the device)
     for dtype in FLOAT_DTYPES:
         u, offsets, divisors = _mask_inputs(dtype)
         for mode in (0, 1):  # hard_width threshold / expected
@@ -133,11 +159,19 @@ def _allow_tf32(flag: bool):
 
 
 def _launch_dual_linear(op, full):
-    # BLOCK_M = 32 when max(M) <= 32 else 64; the benchmark's layer: 1024x1024, hard ~40% per side.
+    # Autotuned: every config of the dtype's list is compiled at each shape. Row counts: one per
+    # distinct launch_config (the default the interpreter runs); the benchmark's layer 1024x1024,
+    # hard ~40% per side.
+    import torch
+
+    from s2h_kernels._triton import dual_linear
+
     for dtype in FLOAT_DTYPES + ("float32+tf32",):
         dt = dtype.split("+")[0]
         tf32 = dtype.endswith("tf32")
-        for m in ((16, 256) if full else (16, 256)):
+        prec = "tf32" if tf32 else "ieee"
+        ms = _distinct(lambda m: dual_linear.launch_config(m, getattr(torch, dt), prec), [16, 256])
+        for m in ms:
             for bias in ((True, False) if full else (True,)):
                 xs, xh, w = _t((m, 1024), dt), _t((m, 400), dt), _t((1024, 1024), dt)
                 b = _t((1024,), dt) if bias else None
@@ -152,9 +186,12 @@ def _launch_dual_linear(op, full):
 def _launch_spmm(op, full):
     import torch
 
-    # BLOCK_N = clamp(next_pow2(N), 16, 128); half inputs run in float32 (spmm's _compute_dtype).
-    ns = (1, 16, 32, 64, 128, 196, 3136) if full else (1, 3136)
+    from s2h_kernels._triton import spmm
+
+    # half inputs run in float32 (spmm's _compute_dtype); N=1 and 3136 are benchmark sizes
     for dtype in ("float32", "float64"):
+        ns = _pick(_distinct(lambda n: spmm.launch_config(n, getattr(torch, dtype), interpreted=False),
+                             [2 ** i for i in range(13)]), full, (1, 196, 3136) if full else (1, 3136))
         for n in ns:
             for bias, relu in (((True, True), (True, False), (False, True), (False, False)) if full else ((True, True),)):
                 m, k, nnz = 256, 1024, 26214
@@ -315,7 +352,12 @@ def _recording(sink: list):
         return None
 
     def auto_run(self, *args, **kwargs):
-        for config in self.configs:  # every autotune config is a compile case
+        # every config the autotuner would benchmark for these arguments (after its own pruning,
+        # e.g. by dtype) is a compile case
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)
+        self.nargs = None
+        for config in configs:
             self.fn.run(*args, **kwargs, **config.all_kwargs())
 
     JITFunction.run, Autotuner.run = run, auto_run

@@ -348,3 +348,174 @@ S2H_KL_HD A cak_grad(const CakRow<A>& r, A a, A b, A grad_scale) {
 
 }  // namespace kl
 }  // namespace s2h
+
+// ---- the GPU kernels' row algorithm, as host/device functions ------------------------------------
+// csrc/cuda/kl_gap.cu runs one block of kThreads threads per row: thread t pushes elements
+// t, t + kThreads, ... into its own online state (*_push_strided), the block merges the states
+// (warp: xor butterfly; then warp 0..W-1 folded in order in every thread: fold_warps), the row is
+// finalised, and thread t writes the gradients of the same elements (*_grads_strided). Everything
+// but the butterfly's shuffles and the shared-memory hand-off is below, host/device; the CPU
+// tests run it through block_row_model (the butterfly replayed on arrays), exposed as the
+// s2h_internal::*_block_model ops (csrc/cpu/kl_gap.cpp), for several block sizes.
+
+namespace s2h {
+namespace kl {
+
+// State merges over arrays of kN values (the shuffle and shared-memory exchange move arrays).
+template <typename A>
+struct GapMerge {
+  static constexpr int kN = 5;
+  S2H_KL_HD static void init(A* v) { gap_init(v[0], v[1], v[2], v[3], v[4]); }
+  S2H_KL_HD static void merge(A* v, const A* o) { gap_merge(v[0], v[1], v[2], v[3], v[4], o[0], o[1], o[2], o[3], o[4]); }
+};
+
+template <typename A>
+struct CakMerge {
+  static constexpr int kN = 9;
+  S2H_KL_HD static void init(A* v) { cak_init(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]); }
+  S2H_KL_HD static void merge(A* v, const A* o) {
+    cak_merge(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7],
+              o[8]);
+  }
+};
+
+template <typename A>
+struct SoftmaxMerge {  // (m, z) of one stream
+  static constexpr int kN = 2;
+  S2H_KL_HD static void init(A* v) {
+    v[0] = neg_inf<A>();
+    v[1] = A(0);
+  }
+  S2H_KL_HD static void merge(A* v, const A* o) {
+    A s1, s2;
+    kl::merge(v[0], v[1], o[0], o[1], s1, s2);
+  }
+};
+
+template <typename A>
+struct WelfordMerge {  // two rows' statistics side by side: student (0..2), teacher (3..5)
+  static constexpr int kN = 6;
+  S2H_KL_HD static void init(A* v) {
+    for (int i = 0; i < kN; ++i) v[i] = A(0);
+  }
+  S2H_KL_HD static void merge(A* v, const A* o) {
+    welford_merge(v[0], v[1], v[2], o[0], o[1], o[2]);
+    welford_merge(v[3], v[4], v[5], o[3], o[4], o[5]);
+  }
+};
+
+// The block's second stage: the warps' states (laid out [i * warps + w]) folded in warp order from
+// the empty state, so every thread holds the same row state.
+template <typename M, typename A>
+S2H_KL_HD void fold_warps(A* v, const A* per_warp, int warps) {
+  M::init(v);
+  for (int w = 0; w < warps; ++w) {
+    A o[M::kN];
+    for (int i = 0; i < M::kN; ++i) o[i] = per_warp[i * warps + w];
+    M::merge(v, o);
+  }
+}
+
+// Per-thread sweeps over elements t, t + step, ... of a row of C.
+template <typename T, typename A>
+S2H_KL_HD void gap_push_strided(const T* s, const T* h, int64_t C, int64_t t, int64_t step, A inv_t, A* v) {
+  for (int64_t j = t; j < C; j += step)
+    gap_push(v[0], v[1], v[2], v[3], v[4], static_cast<A>(s[j]) * inv_t, static_cast<A>(h[j]) * inv_t);
+}
+
+template <typename T, typename A>
+S2H_KL_HD void gap_grads_strided(const T* s, const T* h, int64_t C, int64_t t, int64_t step, A inv_t, A gscale,
+                                 const GapRow<A>& r, T* gs, T* gh) {
+  for (int64_t j = t; j < C; j += step) {
+    A g1, g2;
+    gap_grads(r, static_cast<A>(s[j]) * inv_t, static_cast<A>(h[j]) * inv_t, gscale, g1, g2);
+    gs[j] = static_cast<T>(g1);
+    gh[j] = static_cast<T>(g2);
+  }
+}
+
+template <typename T, typename A>
+S2H_KL_HD void top1_push_strided(const T* z, int64_t C, int64_t t, int64_t step, A* v) {
+  for (int64_t j = t; j < C; j += step) {
+    A old, e;
+    push(v[0], v[1], static_cast<A>(z[j]), old, e);
+  }
+}
+
+template <typename T, typename A>
+S2H_KL_HD void welford_push_strided(const T* zs, const T* zt, int64_t C, int64_t t, int64_t step, A* st) {
+  for (int64_t j = t; j < C; j += step) {
+    welford_push(st[0], st[1], st[2], static_cast<A>(zs[j]));
+    welford_push(st[3], st[4], st[5], static_cast<A>(zt[j]));
+  }
+}
+
+template <typename T, typename A, bool kStd>
+S2H_KL_HD void cak_push_strided(const T* zs, const T* zt, int64_t C, int64_t t, int64_t step, const Affine<A>& fs,
+                                const Affine<A>& ft, A* v) {
+  for (int64_t j = t; j < C; j += step) {
+    const A a = affine_apply(fs, static_cast<A>(zs[j]));
+    const A b = affine_apply(ft, static_cast<A>(zt[j]));
+    cak_push<A, kStd>(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], a, b);
+  }
+}
+
+template <typename T, typename A>
+S2H_KL_HD void cak_grads_strided(const T* zs, const T* zt, int64_t C, int64_t t, int64_t step, const Affine<A>& fs,
+                                 const Affine<A>& ft, const CakRow<A>& r, A grad_scale, T* g) {
+  for (int64_t j = t; j < C; j += step) {
+    const A a = affine_apply(fs, static_cast<A>(zs[j]));
+    const A b = affine_apply(ft, static_cast<A>(zt[j]));
+    g[j] = static_cast<T>(cak_grad(r, a, b, grad_scale));
+  }
+}
+
+// The row's two affine maps from the merged Welford state (st: student 0..2, teacher 3..5).
+template <typename A>
+S2H_KL_HD void affines_from_welford(const A* st, A inv_t, A eps, Affine<A>& fs, Affine<A>& ft) {
+  fs = standardize_affine(st[0], st[1], st[2], inv_t, eps);
+  ft = standardize_affine(st[3], st[4], st[5], inv_t, eps);
+}
+
+// Row finalisations from merged arrays.
+template <typename A>
+S2H_KL_HD GapRow<A> gap_finalize(const A* v) {
+  return gap_finalize(v[0], v[1], v[2], v[3], v[4]);
+}
+
+template <typename A>
+S2H_KL_HD CakRow<A> cak_finalize(const A* v, A gamma, const Affine<A>& fs, A inv_t, bool standardize) {
+  return cak_finalize(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], gamma, fs, inv_t, standardize);
+}
+
+template <typename A>
+S2H_KL_HD A top1_finalize(const A* v) {
+  return A(1) / v[1];
+}
+
+// Host model of the block merge (the CPU tests' stand-in for the shuffles): states[t * kN + i] of
+// `threads` threads (a multiple of 32); each warp's xor butterfly (offsets 16, 8, 4, 2, 1: lane l
+// merges lane l ^ off's state into its own, all lanes at once), lane 0 of each warp hands its
+// state over, then fold_warps (also for a single warp, so that every thread of the block holds the
+// same state). The result in `out`.
+template <typename M, typename A>
+inline void block_merge_model(A* states, int threads, A* out) {
+  constexpr int kN = M::kN;
+  const int warps = threads / 32;
+  A* next = new A[static_cast<size_t>(threads) * kN];
+  for (int off = 16; off > 0; off >>= 1) {
+    for (int t = 0; t < threads; ++t) {
+      const int u = (t & ~31) | ((t & 31) ^ off);
+      for (int i = 0; i < kN; ++i) next[t * kN + i] = states[t * kN + i];
+      M::merge(next + t * kN, states + u * kN);
+    }
+    for (int x = 0; x < threads * kN; ++x) states[x] = next[x];
+  }
+  for (int w = 0; w < warps; ++w)
+    for (int i = 0; i < kN; ++i) next[i * warps + w] = states[(w * 32) * kN + i];
+  fold_warps<M>(out, next, warps);  // one warp too: every thread then holds lane 0's state
+  delete[] next;
+}
+
+}  // namespace kl
+}  // namespace s2h

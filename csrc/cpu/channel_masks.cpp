@@ -50,7 +50,7 @@ std::vector<int64_t> channel_starts(const at::Tensor& u, const at::Tensor& offse
     TORCH_CHECK(o[g + 1] > o[g], "s2h::channel_masks: group ", g, " is empty or offsets decrease (offsets[", g,
                 "] = ", o[g], ", offsets[", g + 1, "] = ", o[g + 1], ")");
     TORCH_CHECK(d[g] >= 1, "s2h::channel_masks: divisors[", g, "] must be >= 1, got ", d[g]);
-    starts[g + 1] = starts[g] + (o[g + 1] - o[g]) * d[g];
+    starts[g + 1] = starts[g] + group_channels(o, d, g);
   }
   TORCH_CHECK(starts[groups] == num_channels, "s2h::channel_masks: num_channels (", num_channels,
               ") does not match offsets and divisors (", starts[groups], " channels)");
@@ -79,7 +79,7 @@ S2H_HD_INLINE A exp_sum_impl(const A* __restrict u, A inv_tau, A m, A* __restric
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const A e = kexp(u[j] * inv_tau - m);
+    const A e = bucket_exp(u[j], inv_tau, m);
     p[j] = e;
     sum += e;
   }
@@ -211,8 +211,7 @@ const A* as_acc(const scalar_t* u, int64_t n, std::vector<A>& buf) {
 // Unnormalised p = exp(u / tau - max) into sc.p; returns 1 / sum (NaN for a +inf logit).
 template <typename A>
 A group_exp(const Passes& ps, const A* u, int64_t n, A inv_tau, Scratch<A>& sc) {
-  A mx = ps.max_scaled(u, inv_tau, n);
-  if (mx == std::numeric_limits<A>::infinity()) mx = std::numeric_limits<A>::quiet_NaN();  // +inf logit
+  const A mx = softmax_shift(ps.max_scaled(u, inv_tau, n));
   return A(1) / ps.exp_sum(u, inv_tau, mx, sc.p.data(), n);
 }
 
@@ -229,13 +228,13 @@ void masks_one_group(const scalar_t* u_, int64_t n, int64_t d, A inv_tau, int64_
     if (direct) wb = w;
   }
   const A sum_w = ps.reverse_cumsum(sc.p.data(), inv_s, wb, n);
-  const int64_t above = ps.count_kept(wb, sum_w / A(n), n);
+  const int64_t above = ps.count_kept(wb, mean_keep_probability(sum_w, n), n);
   if (!direct) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t r = 0; r < d; ++r) w[j * d + r] = scalar_t(wb[j]);
+    for (int64_t j = 0; j < n; ++j) write_bucket_channels(w, j, d, wb[j]);
   }
-  *expected = scalar_t(A(d) * sum_w);
-  *keep = hard_keep_buckets(sum_w, above, n, mode) * d;
+  const GroupOut<A> out = finalize_group(sum_w, above, n, d, mode);
+  *expected = scalar_t(out.expected);
+  *keep = out.keep;
 }
 
 template <typename scalar_t, typename A>
@@ -246,13 +245,9 @@ void masks_backward_one_group(const scalar_t* gw, A ge, const scalar_t* u_, int6
   const A inv_s = group_exp(ps, u, n, inv_tau, sc);
   A* gp = sc.w.data();  // bucket gradients, then their cumsum: gp_k = sum_{j<=k} gw_j
   if (d == 1) {
-    for (int64_t j = 0; j < n; ++j) gp[j] = bucket_grad(A(gw[j]), ge, 1);
+    for (int64_t j = 0; j < n; ++j) gp[j] = bucket_grad_at(gw, j, 1, ge);
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      A channels = 0;
-      for (int64_t r = 0; r < d; ++r) channels += A(gw[j * d + r]);
-      gp[j] = bucket_grad(channels, ge, d);
-    }
+    for (int64_t j = 0; j < n; ++j) gp[j] = bucket_grad_at(gw, j, d, ge);
   }
   const A dot = ps.cumsum_dot(gp, sc.p.data(), n) * inv_s;
   const A* p = sc.p.data();
@@ -326,11 +321,21 @@ at::Tensor channel_masks_backward_cpu(const at::Tensor& grad_w_, const at::Tenso
   return gu;
 }
 
+// kMaskTieRtol as compiled (test-only: tests/kernels/test_channel_masks.py checks it equals Python's
+// TIE_RTOL, the one definition).
+double mask_tie_rtol() { return kMaskTieRtol; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(s2h, CPU, m) {
   m.impl("channel_masks", &channel_masks_cpu);
   m.impl("channel_masks_backward", &channel_masks_backward_cpu);
+}
+
+// Test-only (not part of s2h's API, hence not in csrc/ops.cpp); a CompositeExplicitAutograd kernel so
+// it runs without tensors.
+TORCH_LIBRARY_FRAGMENT(s2h_internal, m) {
+  m.def("mask_tie_rtol() -> float", &mask_tie_rtol);
 }
 
 }  // namespace s2h

@@ -525,9 +525,131 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cpu(const at::Tensor& stud
   return {loss, g, gamma_out};
 }
 
+// ---- host model of the CUDA kernels (csrc/cuda/kl_gap.cu) ------------------------------------------
+// The GPU's row algorithm run on the CPU with the same host/device functions (csrc/common/kl_gap.h:
+// per-thread strided sweeps, state merges, fold over warps, finalisation, gradients) and the warp
+// shuffles replayed on arrays (block_merge_model), for a block of `threads` threads. Test-only
+// (s2h_internal namespace, not a public op): it is how the CPU tests check the code that the CUDA
+// kernels run, which no GPU here ever executed. Slow (one scalar state per modelled thread).
+
+template <typename M, typename A, typename Push>
+void model_merge(int threads, A* out, Push&& push) {
+  std::vector<A> states(static_cast<size_t>(threads) * M::kN);
+  for (int t = 0; t < threads; ++t) {
+    M::init(states.data() + t * M::kN);
+    push(t, states.data() + t * M::kN);
+  }
+  k::block_merge_model<M>(states.data(), threads, out);
+}
+
+void check_model_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 32 && threads <= 1024 && threads % 32 == 0,
+              "s2h_internal block model: threads must be a multiple of 32 in [32, 1024], got ", threads);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_gap_block_model(const at::Tensor& soft, const at::Tensor& hard,
+                                                                  double temperature, double grad_scale,
+                                                                  int64_t threads) {
+  check_pair("s2h_internal::kl_gap_block_model", "soft", soft, "hard", hard);
+  check_model_threads(threads);
+  const at::Tensor s = soft.contiguous(), h = hard.contiguous();
+  const int64_t B = s.size(0), C = s.size(1);
+  at::Tensor loss = at::empty({B}, s.options().dtype(acc_type(s.scalar_type())));
+  at::Tensor gs = at::empty({B, C}, s.options()), gh = at::empty({B, C}, s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kl_gap_block_model", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const A inv_t = A(1.0 / temperature), gscale = A(grad_scale / temperature);
+    for (int64_t r = 0; r < B; ++r) {
+      const T* sr = s.const_data_ptr<T>() + r * C;
+      const T* hr = h.const_data_ptr<T>() + r * C;
+      A v[k::GapMerge<A>::kN];
+      model_merge<k::GapMerge<A>>(int(threads), v, [&](int t, A* st) { k::gap_push_strided(sr, hr, C, t, threads, inv_t, st); });
+      const k::GapRow<A> row = k::gap_finalize(v);
+      for (int t = 0; t < threads; ++t)
+        k::gap_grads_strided(sr, hr, C, t, threads, inv_t, gscale, row, gs.mutable_data_ptr<T>() + r * C,
+                             gh.mutable_data_ptr<T>() + r * C);
+      loss.mutable_data_ptr<A>()[r] = row.d;
+    }
+  });
+  return {loss, gs, gh};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_block_model(const at::Tensor& student, const at::Tensor& teacher,
+                                                                  double temperature, std::optional<double> gamma,
+                                                                  bool standardize, double eps, double grad_scale,
+                                                                  int64_t threads) {
+  check_pair("s2h_internal::ca_kld_block_model", "student", student, "teacher", teacher);
+  check_model_threads(threads);
+  const at::Tensor zs = student.contiguous(), zt = teacher.contiguous();
+  const int64_t B = zs.size(0), C = zs.size(1);
+  const auto acc = acc_type(zs.scalar_type());
+  at::Tensor loss = at::empty({B}, zs.options().dtype(acc));
+  at::Tensor g = at::empty({B, C}, zs.options());
+  at::Tensor gamma_out = at::empty({}, zs.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "ca_kld_block_model", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    const A inv_t = A(1.0 / temperature);
+    A gam = A(gamma.value_or(0.0));
+    if (!gamma.has_value()) {  // top1_kernel per row, then mean_kernel's double sum
+      double sum = 0;
+      for (int64_t r = 0; r < B; ++r) {
+        A v[k::SoftmaxMerge<A>::kN];
+        model_merge<k::SoftmaxMerge<A>>(int(threads), v, [&](int t, A* st) {
+          k::top1_push_strided(zt.const_data_ptr<T>() + r * C, C, t, threads, st);
+        });
+        sum += static_cast<double>(k::top1_finalize(v));
+      }
+      gam = A(sum / static_cast<double>(B));
+    }
+    *gamma_out.mutable_data_ptr<A>() = gam;
+    const auto row = [&](auto std_flag) {
+      constexpr bool kStd = decltype(std_flag)::value;
+      for (int64_t r = 0; r < B; ++r) {
+        const T* sr = zs.const_data_ptr<T>() + r * C;
+        const T* tr = zt.const_data_ptr<T>() + r * C;
+        k::Affine<A> fs = k::plain_affine(inv_t), ft = k::plain_affine(inv_t);
+        if (kStd) {
+          A st[k::WelfordMerge<A>::kN];
+          model_merge<k::WelfordMerge<A>>(int(threads), st, [&](int t, A* w) {
+            k::welford_push_strided(sr, tr, C, t, threads, w);
+          });
+          k::affines_from_welford(st, inv_t, A(eps), fs, ft);
+        }
+        A v[k::CakMerge<A>::kN];
+        model_merge<k::CakMerge<A>>(int(threads), v, [&](int t, A* st) {
+          k::cak_push_strided<T, A, kStd>(sr, tr, C, t, threads, fs, ft, st);
+        });
+        const k::CakRow<A> rw = k::cak_finalize(v, gam, fs, inv_t, kStd);
+        for (int t = 0; t < threads; ++t)
+          k::cak_grads_strided(sr, tr, C, t, threads, fs, ft, rw, A(grad_scale), g.mutable_data_ptr<T>() + r * C);
+        loss.mutable_data_ptr<A>()[r] = rw.loss;
+      }
+    };
+    if (standardize) row(std::true_type{});
+    else row(std::false_type{});
+  });
+  return {loss, g, gamma_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(s2h, CPU, m) {
   m.impl("kl_gap", &kl_gap_cpu);
   m.impl("ca_kld", &ca_kld_cpu);
+}
+
+// Test-only ops (not part of s2h's API; schemas here rather than in csrc/ops.cpp, which holds the
+// public ones): the CUDA kernels' row algorithm modelled on the CPU, see above.
+TORCH_LIBRARY_FRAGMENT(s2h_internal, m) {
+  m.def("kl_gap_block_model(Tensor soft, Tensor hard, float temperature, float grad_scale, int threads)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("ca_kld_block_model(Tensor student, Tensor teacher, float temperature, float? gamma, bool standardize,"
+        " float eps, float grad_scale, int threads) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(s2h_internal, CPU, m) {
+  m.impl("kl_gap_block_model", &kl_gap_block_model);
+  m.impl("ca_kld_block_model", &ca_kld_block_model);
 }

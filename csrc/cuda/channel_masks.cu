@@ -1,5 +1,7 @@
 // Channel masks for all groups in one launch on CUDA: one block per group, chunked block scans.
-// The per-element math is csrc/common/channel_masks.h, which the CPU tests check.
+// The per-element and per-group math (softmax shift and weights, channel writes, bucket gradients,
+// the group's expected width and keep count) is csrc/common/channel_masks.h, which the CPU kernel
+// runs too; what only a GPU runs here is the block structure (cub scans and reductions).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -51,15 +53,16 @@ __device__ acc_t block_all_reduce(acc_t local, Op op, Shared<acc_t>& sh) {
   return all;
 }
 
-// Block-wide max and sum of exp over the group's scaled logits.
+// Block-wide softmax shift and 1 / sum of exp over the group's scaled logits.
 template <typename scalar_t, typename acc_t>
-__device__ void softmax_stats(const scalar_t* u, int64_t n, acc_t inv_tau, Shared<acc_t>& sh, acc_t& m, acc_t& s) {
+__device__ void softmax_stats(const scalar_t* u, int64_t n, acc_t inv_tau, Shared<acc_t>& sh, acc_t& m,
+                              acc_t& inv_s) {
   acc_t local = -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) local = max(local, acc_t(u[j]) * inv_tau);
-  m = block_all_reduce(local, MaxOp<acc_t>(), sh);
+  m = softmax_shift(block_all_reduce(local, MaxOp<acc_t>(), sh));
   local = 0;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) local += exp(acc_t(u[j]) * inv_tau - m);
-  s = block_all_reduce(local, SumOp<acc_t>(), sh);
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) local += bucket_exp(acc_t(u[j]), inv_tau, m);
+  inv_s = acc_t(1) / block_all_reduce(local, SumOp<acc_t>(), sh);
 }
 
 // Group g's first channel: sum over earlier groups of buckets * divisor (G is small; this saves
@@ -67,7 +70,7 @@ __device__ void softmax_stats(const scalar_t* u, int64_t n, acc_t inv_tau, Share
 template <typename acc_t>
 __device__ int64_t group_channel_start(const int64_t* offsets, const int64_t* divisors, int64_t g, Shared<acc_t>& sh) {
   int64_t local = 0;
-  for (int64_t i = threadIdx.x; i < g; i += kThreads) local += (offsets[i + 1] - offsets[i]) * divisors[i];
+  for (int64_t i = threadIdx.x; i < g; i += kThreads) local += group_channels(offsets, divisors, i);
   const int64_t total = cub::BlockReduce<int64_t, kThreads>(sh.count).Sum(local);
   __shared__ int64_t start;
   if (threadIdx.x == 0) start = total;
@@ -88,8 +91,8 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
   const int64_t d = divisors[g];
   const scalar_t* u = u_all + offsets[g];
   scalar_t* w_out = w_all + group_channel_start(offsets, divisors, g, sh);
-  acc_t m, s;
-  softmax_stats(u, n, inv_tau, sh, m, s);
+  acc_t m, inv_s;
+  softmax_stats(u, n, inv_tau, sh, m, inv_s);
   const int64_t chunks = (n + kThreads - 1) / kThreads;
   // Two identical reverse scans: the first sums w (for mean(w) and E), the second writes
   // channels and counts kept buckets. Thread t holds bucket chunk_end - 1 - t, so an inclusive
@@ -102,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t j = c * kThreads + (kThreads - 1 - threadIdx.x);
       const bool valid = j < n;
-      const acc_t p = valid ? exp(acc_t(u[j]) * inv_tau - m) / s : acc_t(0);
+      const acc_t p = valid ? bucket_exp(acc_t(u[j]), inv_tau, m) * inv_s : acc_t(0);
       acc_t w, total;
       Scan(sh.scan).InclusiveSum(p, w, total);
       __syncthreads();
@@ -113,20 +116,21 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
           local_w += w;
         } else {
           local_above += kept_by_threshold(w, mean_w);
-          for (int64_t r = 0; r < d; ++r) w_out[j * d + r] = scalar_t(w);
+          write_bucket_channels(w_out, j, d, w);
         }
       }
     }
     if (pass == 0) {
       sum_w = block_all_reduce(local_w, SumOp<acc_t>(), sh);
-      mean_w = sum_w / acc_t(n);
+      mean_w = mean_keep_probability(sum_w, n);
     } else {
       above = Count(sh.count).Sum(local_above);
     }
   }
   if (threadIdx.x == 0) {
-    expected[g] = scalar_t(acc_t(d) * sum_w);
-    keep[g] = hard_keep_buckets(sum_w, above, n, mode) * d;
+    const GroupOut<acc_t> out = finalize_group(sum_w, above, n, d, mode);
+    expected[g] = scalar_t(out.expected);
+    keep[g] = out.keep;
   }
 }
 
@@ -144,8 +148,8 @@ __global__ void __launch_bounds__(kThreads) channel_masks_bwd_kernel(
   const scalar_t* gw = grad_w_all + group_channel_start(offsets, divisors, g, sh);
   scalar_t* gu = grad_u_all + offsets[g];
   const acc_t ge = acc_t(grad_expected[g]);
-  acc_t m, s;
-  softmax_stats(u, n, inv_tau, sh, m, s);
+  acc_t m, inv_s;
+  softmax_stats(u, n, inv_tau, sh, m, inv_s);
   const int64_t chunks = (n + kThreads - 1) / kThreads;
   // Two identical forward scans of the bucket gradients: the first gives dot = sum p*gp, the
   // second writes du = p (gp - dot) / tau.
@@ -157,10 +161,8 @@ __global__ void __launch_bounds__(kThreads) channel_masks_bwd_kernel(
       const bool valid = j < n;
       acc_t gb = 0, p = 0;
       if (valid) {
-        acc_t channels = 0;
-        for (int64_t r = 0; r < d; ++r) channels += acc_t(gw[j * d + r]);
-        gb = bucket_grad(channels, ge, d);
-        p = exp(acc_t(u[j]) * inv_tau - m) / s;
+        gb = bucket_grad_at(gw, j, d, ge);
+        p = bucket_exp(acc_t(u[j]), inv_tau, m) * inv_s;
       }
       acc_t gp, total;
       Scan(sh.scan).InclusiveSum(gb, gp, total);

@@ -28,77 +28,28 @@ __device__ __forceinline__ A shfl(A v, int off) {
   return __shfl_xor_sync(0xffffffffu, v, off);
 }
 
-// ---- block merges: NV values of state per thread -> the row's state in every thread ----------
-
-// Merge functions of kl_gap.h, applied to arrays of state values.
-template <typename A>
-struct GapMerge {
-  static constexpr int kN = 5;
-  __device__ static void init(A* v) { k::gap_init(v[0], v[1], v[2], v[3], v[4]); }
-  __device__ static void merge(A* v, const A* o) { k::gap_merge(v[0], v[1], v[2], v[3], v[4], o[0], o[1], o[2], o[3], o[4]); }
-};
-
-template <typename A>
-struct CakMerge {
-  static constexpr int kN = 9;
-  __device__ static void init(A* v) { k::cak_init(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]); }
-  __device__ static void merge(A* v, const A* o) {
-    k::cak_merge(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], o[0], o[1], o[2], o[3], o[4], o[5], o[6],
-                 o[7], o[8]);
-  }
-};
-
-template <typename A>
-struct SoftmaxMerge {
-  static constexpr int kN = 2;
-  __device__ static void init(A* v) {
-    v[0] = k::neg_inf<A>();
-    v[1] = A(0);
-  }
-  __device__ static void merge(A* v, const A* o) {
-    A s1, s2;
-    k::merge(v[0], v[1], o[0], o[1], s1, s2);
-  }
-};
-
-template <typename A>
-struct WelfordMerge {  // two rows' statistics side by side: student (0..2), teacher (3..5)
-  static constexpr int kN = 6;
-  __device__ static void init(A* v) {
-    for (int i = 0; i < kN; ++i) v[i] = A(0);
-  }
-  __device__ static void merge(A* v, const A* o) {
-    k::welford_merge(v[0], v[1], v[2], o[0], o[1], o[2]);
-    k::welford_merge(v[3], v[4], v[5], o[3], o[4], o[5]);
-  }
-};
+// ---- block merge: NV values of state per thread -> the row's state in every thread -------------
+// The merge functions (GapMerge, CakMerge, SoftmaxMerge, WelfordMerge), the per-thread sweeps, the
+// fold over warps and the row finalisations are csrc/common/kl_gap.h, which the CPU tests run
+// through its host model of this block (s2h_internal::*_block_model); what only a GPU runs is the
+// exchange below: the xor shuffles and the shared-memory hand-off.
 
 // smem holds kN * (kThreads / 32) values. Ends with a barrier, so smem may be reused at once.
 template <typename M, typename A, int kThreads>
 __device__ void block_merge(A* v, A* smem) {
-  constexpr int kN = M::kN;
+  constexpr int kN = M::kN, kWarps = kThreads / 32;
   for (int off = 16; off > 0; off >>= 1) {
     A o[kN];
 #pragma unroll
     for (int i = 0; i < kN; ++i) o[i] = shfl(v[i], off);
     M::merge(v, o);
   }
-  constexpr int kWarps = kThreads / 32;
-  if (kWarps > 1) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) {
+  if (threadIdx.x % 32 == 0) {
 #pragma unroll
-      for (int i = 0; i < kN; ++i) smem[i * kWarps + warp] = v[i];
-    }
-    __syncthreads();
-    M::init(v);
-    for (int w = 0; w < kWarps; ++w) {
-      A o[kN];
-#pragma unroll
-      for (int i = 0; i < kN; ++i) o[i] = smem[i * kWarps + w];
-      M::merge(v, o);
-    }
+    for (int i = 0; i < kN; ++i) smem[i * kWarps + threadIdx.x / 32] = v[i];
   }
+  __syncthreads();
+  k::fold_warps<M>(v, smem, kWarps);
   __syncthreads();
 }
 
@@ -108,35 +59,28 @@ template <typename T, typename A, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     kl_gap_kernel(const T* __restrict__ s, const T* __restrict__ h, int64_t C, A inv_t, A gscale,
                   T* __restrict__ gs, T* __restrict__ gh, A* __restrict__ loss) {
-  __shared__ A smem[GapMerge<A>::kN * (kThreads / 32)];
+  using M = k::GapMerge<A>;
+  __shared__ A smem[M::kN * (kThreads / 32)];
   const int64_t off = static_cast<int64_t>(blockIdx.x) * C;
-  A v[5];
-  GapMerge<A>::init(v);
-  for (int64_t j = threadIdx.x; j < C; j += kThreads)
-    k::gap_push(v[0], v[1], v[2], v[3], v[4], static_cast<A>(s[off + j]) * inv_t, static_cast<A>(h[off + j]) * inv_t);
-  block_merge<GapMerge<A>, A, kThreads>(v, smem);
-  const k::GapRow<A> r = k::gap_finalize(v[0], v[1], v[2], v[3], v[4]);
-  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    A g1, g2;
-    k::gap_grads(r, static_cast<A>(s[off + j]) * inv_t, static_cast<A>(h[off + j]) * inv_t, gscale, g1, g2);
-    gs[off + j] = static_cast<T>(g1);
-    gh[off + j] = static_cast<T>(g2);
-  }
+  A v[M::kN];
+  M::init(v);
+  k::gap_push_strided(s + off, h + off, C, threadIdx.x, kThreads, inv_t, v);
+  block_merge<M, A, kThreads>(v, smem);
+  const k::GapRow<A> r = k::gap_finalize(v);
+  k::gap_grads_strided(s + off, h + off, C, threadIdx.x, kThreads, inv_t, gscale, r, gs + off, gh + off);
   if (threadIdx.x == 0) loss[blockIdx.x] = r.d;
 }
 
 template <typename T, typename A, int kThreads>
 __global__ void __launch_bounds__(kThreads) top1_kernel(const T* __restrict__ z, int64_t C, A* __restrict__ out) {
-  __shared__ A smem[SoftmaxMerge<A>::kN * (kThreads / 32)];
+  using M = k::SoftmaxMerge<A>;
+  __shared__ A smem[M::kN * (kThreads / 32)];
   const int64_t off = static_cast<int64_t>(blockIdx.x) * C;
-  A v[2];
-  SoftmaxMerge<A>::init(v);
-  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    A old, e;
-    k::push(v[0], v[1], static_cast<A>(z[off + j]), old, e);
-  }
-  block_merge<SoftmaxMerge<A>, A, kThreads>(v, smem);
-  if (threadIdx.x == 0) out[blockIdx.x] = A(1) / v[1];
+  A v[M::kN];
+  M::init(v);
+  k::top1_push_strided(z + off, C, threadIdx.x, kThreads, v);
+  block_merge<M, A, kThreads>(v, smem);
+  if (threadIdx.x == 0) out[blockIdx.x] = k::top1_finalize(v);
 }
 
 // gamma = mean of the rows' top-1 probabilities, summed in double by one block.
@@ -164,35 +108,25 @@ template <typename T, typename A, int kThreads, bool kStd>
 __global__ void __launch_bounds__(kThreads)
     ca_kld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, int64_t C, A inv_t, A eps,
                   const A* __restrict__ gamma_ptr, A grad_scale, T* __restrict__ g, A* __restrict__ loss) {
-  __shared__ A smem[CakMerge<A>::kN * (kThreads / 32)];
+  using M = k::CakMerge<A>;
+  __shared__ A smem[M::kN * (kThreads / 32)];
   const int64_t off = static_cast<int64_t>(blockIdx.x) * C;
   const A gamma = *gamma_ptr;
   k::Affine<A> fs = k::plain_affine(inv_t), ft = k::plain_affine(inv_t);
   if (kStd) {
-    A st[6];
-    WelfordMerge<A>::init(st);
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-      k::welford_push(st[0], st[1], st[2], static_cast<A>(zs[off + j]));
-      k::welford_push(st[3], st[4], st[5], static_cast<A>(zt[off + j]));
-    }
-    block_merge<WelfordMerge<A>, A, kThreads>(st, smem);
-    fs = k::standardize_affine(st[0], st[1], st[2], inv_t, eps);
-    ft = k::standardize_affine(st[3], st[4], st[5], inv_t, eps);
+    using W = k::WelfordMerge<A>;
+    A st[W::kN];
+    W::init(st);
+    k::welford_push_strided(zs + off, zt + off, C, threadIdx.x, kThreads, st);
+    block_merge<W, A, kThreads>(st, smem);
+    k::affines_from_welford(st, inv_t, eps, fs, ft);
   }
-  A v[9];
-  CakMerge<A>::init(v);
-  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    const A a = k::affine_apply(fs, static_cast<A>(zs[off + j]));
-    const A b = k::affine_apply(ft, static_cast<A>(zt[off + j]));
-    k::cak_push<A, kStd>(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], a, b);
-  }
-  block_merge<CakMerge<A>, A, kThreads>(v, smem);
-  const k::CakRow<A> r = k::cak_finalize(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], gamma, fs, inv_t, kStd);
-  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    const A a = k::affine_apply(fs, static_cast<A>(zs[off + j]));
-    const A b = k::affine_apply(ft, static_cast<A>(zt[off + j]));
-    g[off + j] = static_cast<T>(k::cak_grad(r, a, b, grad_scale));
-  }
+  A v[M::kN];
+  M::init(v);
+  k::cak_push_strided<T, A, kStd>(zs + off, zt + off, C, threadIdx.x, kThreads, fs, ft, v);
+  block_merge<M, A, kThreads>(v, smem);
+  const k::CakRow<A> r = k::cak_finalize(v, gamma, fs, inv_t, kStd);
+  k::cak_grads_strided(zs + off, zt + off, C, threadIdx.x, kThreads, fs, ft, r, grad_scale, g + off);
   if (threadIdx.x == 0) loss[blockIdx.x] = r.loss;
 }
 

@@ -8,7 +8,9 @@ import torch
 
 # Hard-width ties: a bucket whose keep probability is within this relative distance of the
 # threshold counts as kept, so backends that sum in different orders agree on exact ties
-# (flat u with an odd bucket count puts one bucket exactly on mean(w)).
+# (flat u with an odd bucket count puts one bucket exactly on mean(w)). The one definition: the
+# public op and the Triton kernel import it; C++ has kMaskTieRtol in csrc/common/channel_masks.h,
+# which tests/kernels/test_channel_masks.py checks equal to this value.
 TIE_RTOL = 1e-5
 HARD_WIDTHS = ("threshold", "expected")
 

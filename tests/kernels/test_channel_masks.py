@@ -245,3 +245,38 @@ def test_torch_func_grad_on_cpu():
     got = torch.func.grad(objective(s2h_kernels.channel_masks))(u)
     want = torch.func.grad(objective(reference.channel_masks))(u)
     torch.testing.assert_close(got, want)
+
+
+def test_tie_tolerance_is_defined_once():
+    """TIE_RTOL lives in the reference; the op, the Triton launcher and the compiled C++
+    (kMaskTieRtol, read back through a test-only op) all use that one value."""
+    import importlib
+
+    op_module = importlib.import_module("s2h_kernels.channel_masks")  # the package exports the function
+    ref_module = importlib.import_module("s2h_kernels.reference.channel_masks")
+
+    assert op_module.TIE_RTOL is ref_module.TIE_RTOL
+    assert torch.ops.s2h_internal.mask_tie_rtol() == ref_module.TIE_RTOL
+    pytest.importorskip("triton")
+    from s2h_kernels._triton import channel_masks as triton_module
+
+    assert triton_module.TIE_RTOL is ref_module.TIE_RTOL
+
+
+def test_triton_gpu_config_under_the_interpreter(monkeypatch):
+    """The GPU's chunk size (launch_config(..., interpreted=False): 1024 buckets) run by the
+    interpreter, on groups below, at and above one chunk: the interpreted tests otherwise use 128."""
+    pytest.importorskip("triton")
+    from s2h_kernels._triton import channel_masks as K
+
+    gpu = K.launch_config(torch.float32, interpreted=False)
+    assert gpu["BLOCK"] == 1024 and K.launch_config(torch.float32, interpreted=True)["BLOCK"] == 128
+    monkeypatch.setattr(K, "INTERPRETED_CONFIG", gpu)
+    offsets, divisors = [0, 5, 1029, 1030, 2200], [1, 2, 3, 1]
+    for dtype in (torch.float32, torch.float64):
+        u = make_u(offsets, dtype, "cpu", seed=4)
+        out, ref, gu, gref = run_both(u, offsets, divisors, 0.8, "threshold", "triton")
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(gu, gref, rtol=tol, atol=tol)
