@@ -16,8 +16,8 @@ ends bit-identical to an uninterrupted one: every epoch draws its data order and
 RNG from ``(seed, epoch)`` alone; ``--resume --epochs N`` with a larger N extends a run (the LR
 follows an N-epoch schedule from there). At the end: ``pruned.pt`` (the exported hard model) and
 ``s2h_model.pt`` (the S2HModel: masks, both branches), both read back by ``s2h.load(path)`` (they
-record the ``s2h.models.build_model`` arguments), ``convert_report.txt`` (what convert pruned and
-kept, when the model reports it), ``trajectory.png``
+record the ``s2h.models.build_model`` arguments), ``convert_report.md`` (what convert pruned and
+what it kept dense, and why), ``trajectory.png``
 (hard FLOPs and top-1 per epoch, the paper's Fig. 3), ``architecture.png`` (retained vs total
 channels per group, Fig. 4) and ``summary.json``.
 
@@ -194,13 +194,16 @@ def _norm(v):
 
 
 def _write_convert_report(cfg: PruneConfig, rank: int, out: Path, model) -> None:
-    """What convert pruned and what it kept dense (``model.report()``), printed and in OUT/convert_report.txt."""
-    report = getattr(model, "report", None)
-    if rank != 0 or not callable(report):
+    """What convert pruned and what it kept dense: printed, and OUT/convert_report.md."""
+    if rank != 0:
         return
-    text = str(report())
-    atomic_write_text(out / "convert_report.txt", text + "\n")
-    _log(cfg, rank, text)
+    try:
+        from ..structured.report import report_of
+    except ImportError:  # pragma: no cover - an s2h without conversion reports
+        return
+    report = report_of(model)
+    atomic_write_text(out / "convert_report.md", report.to_markdown() + "\n")
+    _log(cfg, rank, str(report))
 
 
 def _make_out(out: Path) -> list[Path]:

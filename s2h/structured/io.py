@@ -14,6 +14,7 @@ architecture and those widths; no module is pickled. The architecture comes from
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -76,9 +77,11 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None 
         raise TypeError(f"s2h.load: model_factory() must return an nn.Module, got {type(base).__name__}")
     dev = next((p.device for p in base.parameters()), torch.device("cpu"))
     inputs = tuple(torch.zeros(shape, dtype=getattr(torch, dt), device=dev) for shape, dt in cfg["example_inputs"])
-    m = convert(base, inputs, target_flops=cfg["target_flops"], ignored_layers=cfg["ignored_layers"] or None,
-                divisor=cfg["divisor"], temperature=cfg["temperature"], hard_width=cfg["hard_width"],
-                reorder=False, inplace=True)
+    with warnings.catch_warnings():  # reloading: what convert says about the target was said at training time
+        warnings.filterwarnings("ignore", message=r"s2h\.convert: target_flops", category=UserWarning)
+        m = convert(base, inputs, target_flops=cfg["target_flops"], ignored_layers=cfg["ignored_layers"] or None,
+                    divisor=cfg["divisor"], temperature=cfg["temperature"], hard_width=cfg["hard_width"],
+                    reorder=False, inplace=True)
     found = [[g.name, g.channels] for g in m.groups]
     if found != [list(x) for x in cfg["groups"]]:
         raise ValueError("s2h.load: model_factory() builds an architecture whose dependency groups differ from "

@@ -348,6 +348,8 @@ def test_ignore_and_strict_reach_convert(tmp_path, monkeypatch):
     assert seen["ignored_layers"] == ["layer1.0.conv1"] and seen["strict"] is True
     s = json.loads((out / "summary.json").read_text())
     assert s["config"]["ignore"] == ["layer1.0.conv1"] and s["config"]["strict"] is True
+    report = (out / "convert_report.md").read_text()  # what convert pruned: not the ignored group
+    assert "| conv1 |" in report and "| layer1.0.conv1 | 16 | " not in report.replace("kept", "")
     monkeypatch.setattr(prune_cli, "convert", real)
     parser = argparse.ArgumentParser()
     prune_cli.add_arguments(parser)
