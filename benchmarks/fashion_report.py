@@ -100,7 +100,8 @@ def plot(points: dict, path: Path, title: str, xlabel: str, dense: float | None 
     plt.close(fig)
 
 
-def write_structured_report(study, results: list[dict], stem: Path, wall_s: float) -> None:
+def write_structured_report(study, results: list[dict], stem: Path, wall_s: float | None,
+                            missing: list[str] = ()) -> None:
     lines, points = structured_table(study, results)
     dense = points.pop("1. dense", [(100.0, float("nan"), 0.0)])[0][1]
     plot(points, stem.with_suffix(".png"), f"Fashion-MNIST, ResNet-{study.depth}, {study.epochs} epochs",
@@ -110,7 +111,10 @@ def write_structured_report(study, results: list[dict], stem: Path, wall_s: floa
         f"# Structured pruning on Fashion-MNIST: S2H, uniform width, Torch-Pruning",
         "",
         f"Machine: {fc.machine_line()}. Written by `python benchmarks/fashion_structured.py` "
-        f"(whole study {wall_s / 60:.0f} min of wall time, {study.workers} runs in parallel, 1 thread each).",
+        + (f"(whole study {wall_s / 60:.0f} min of wall time, {study.workers} runs in parallel, 1 thread each)."
+           if wall_s is not None else "`--report-only`, from the runs finished so far."),
+        *([f"**Not finished when this was written ({len(missing)} runs, their rows are missing or have fewer "
+           f"seeds):** " + ", ".join(f"`{k}`" for k in missing)] if missing else []),
         "",
         "## Protocol",
         f"- Data: Fashion-MNIST from the idx files (`s2h.data`), a fixed random subset of {n:,} training "

@@ -281,7 +281,7 @@ def measure_latency(study: Study, results: list[dict], rounds: int = 25) -> None
     in interleaved rounds (one call each per round) and each gets its median, so a busy moment of the
     machine falls on all of them alike."""
     store = fc.ResultStore(study.work)
-    todo = [r for r in results if "latency_b1_ms" not in r]
+    todo = list(results)  # all of them, every time: latencies are only comparable within one pass
     nets = [torch.load(Path(study.work) / f"{r['key']}.pt", weights_only=False).eval() for r in todo]
     for batch, name, n in ((1, "latency_b1_ms", rounds), (64, "latency_b64_ms", max(5, rounds // 3))):
         times = fc.interleaved_latency_ms(nets, batch, n)
@@ -306,6 +306,8 @@ def main(argv=None) -> None:
     p.add_argument("--phase", type=int, default=None,
                    help="run only this phase (0: dense, S2H, uniform; 1: Torch-Pruning, S2H architecture; "
                         "2: Table 5), e.g. in a second process beside a running study")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs finished so far (a study cut short)")
     p.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch, 1 seed: checks the pipeline")
     a = p.parse_args(argv)
     study = Study(epochs=a.epochs, seeds=tuple(range(a.seeds)), n_train=a.n_train, targets=tuple(a.targets),
@@ -317,7 +319,10 @@ def main(argv=None) -> None:
     results = []
     phases = plan(study)
     for i, phase in enumerate(phases):
-        if a.phase is None or a.phase == i:
+        if a.report_only:
+            store = fc.ResultStore(study.work)
+            results += [r for r in (store.get(j.key) for j in phase) if r is not None]
+        elif a.phase is None or a.phase == i:
             results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
     if a.phase is not None:
         return
@@ -327,8 +332,10 @@ def main(argv=None) -> None:
 
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
+    done = {r["key"] for r in results}
+    missing = [j.key for phase in phases for j in phase if j.key not in done]
     write_structured_report(study, results, out / ("fashion_structured_smoke" if a.smoke else "fashion_structured"),
-                            wall_s=time.perf_counter() - t0)
+                            wall_s=None if a.report_only else time.perf_counter() - t0, missing=missing)
     print(f"wrote {out / 'fashion_structured'}.md/.png in {time.perf_counter() - t0:.0f} s")
 
 
