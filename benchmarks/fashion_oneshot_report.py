@@ -45,6 +45,27 @@ def table_lines(study, results: list[dict], key: str = "top1") -> list[str]:
     return lines
 
 
+def collapse_lines(study, results: list[dict]) -> list[str]:
+    """Per layer, the fraction of weights kept (mean over the runs of a cell, KD and CE retraining alike):
+    one global threshold can empty a layer, and then no retraining recovers the cut network."""
+    runs = [r for r in results if "layers" in r]
+    if not runs:
+        return []
+    names = list(runs[0]["layers"])
+    lines = ["| method | sparsity | " + " | ".join(f"`{n}` kept %" for n in names) + " | runs with an emptied layer |",
+             "|---|---:|" + "---:|" * (len(names) + 1)]
+    g = grouped(runs)
+    for method in LABELS:
+        for s in study.sparsities:
+            rs = g.get((method, "kd", s), []) + g.get((method, "ce", s), [])
+            if not rs:
+                continue
+            kept = [fc.mean_std([100 * (1 - r["layers"][n]) for r in rs])[0] for n in names]
+            dead = sum(any(v >= 1.0 for v in r["layers"].values()) for r in rs)
+            lines.append(f"| {method} | {100 * s:g}% | " + " | ".join(f"{k:.2f}" for k in kept) + f" | {dead} / {len(rs)} |")
+    return lines
+
+
 def goal_lines(study, results: list[dict]) -> list[str]:
     """grad-kd retrained with KD (the paper's pipeline) against every other row at 95-99%."""
     g = grouped(results)
@@ -139,6 +160,8 @@ def write_report(study, results: list[dict], stem: Path, wall_s: float) -> None:
     lines += goal_lines(study, results) + [""]
     lines += ["Before retraining (one-shot methods only, the pruned dense student):", ""]
     lines += table_lines(study, [r for r in results if r.get("retrain") == "kd"], key="top1_oneshot") + [""]
+    lines += ["Weights kept per layer under the global threshold (first conv and classifier are never pruned):", ""]
+    lines += collapse_lines(study, results) + [""]
     lines += protocol_lines(study, results, wall_s)
     lines += [f"![top-1 vs sparsity]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
