@@ -512,9 +512,9 @@ def kl_cases():
         ceager = compiled(f"kl_gap best eager B={B} C={C}", lambda a, b: with_grad(kl_gap_eager, a, b),
                           lambda f: f(s, h))
         out[f"kl_gap + autograd.grad B={B} C={C}"] = {
-            "fused": lambda: with_grad(s2h_kernels.kl_gap),
-            "reference": lambda: with_grad(reference.kl_gap),
-            "eager: closed form in a Function": lambda: with_grad(kl_gap_eager),
+            "fused": lambda wg=with_grad: wg(s2h_kernels.kl_gap),
+            "reference": lambda wg=with_grad: wg(reference.kl_gap),
+            "eager: closed form in a Function": lambda wg=with_grad: wg(kl_gap_eager),
             "compiled_reference": lambda f=cref, s=s, h=h: f(s, h),
             "compiled: closed form in a Function": lambda f=ceager, s=s, h=h: f(s, h),
         }
@@ -531,9 +531,9 @@ def kl_cases():
         ceager = compiled(f"ca_kld best eager B={B} C={C}", lambda a, b: torch.autograd.grad(ca_kld_eager(a, b, 4.0), a),
                           lambda f: f(zs, zt))
         out[f"ca_kld + student grad B={B} C={C}"] = {
-            "fused": lambda: ca(s2h_kernels.ca_kld),
-            "reference": lambda: ca(reference.ca_kld),
-            "eager: closed form in a Function": lambda: ca(ca_kld_eager),
+            "fused": lambda ca=ca: ca(s2h_kernels.ca_kld),
+            "reference": lambda ca=ca: ca(reference.ca_kld),
+            "eager: closed form in a Function": lambda ca=ca: ca(ca_kld_eager),
             "compiled_reference": lambda f=cref, zs=zs, zt=zt: f(zs, zt),
             "compiled: closed form in a Function": lambda f=ceager, zs=zs, zt=zt: f(zs, zt),
         }
