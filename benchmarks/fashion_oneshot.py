@@ -317,6 +317,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=str(Study.work), help="folder of finished runs (resumable)")
     p.add_argument("--results", default=str(RESULTS), help="where the .md and .png go")
     p.add_argument("--smoke", action="store_true", help="tiny subset, 1 seed, 2 sparsities: checks the pipeline")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs, run nothing")
     a = p.parse_args(argv)
     study = Study(n_train=a.n_train, teacher_epochs=a.teacher_epochs, student_epochs=a.student_epochs,
                   epochs=a.epochs, seeds=tuple(range(a.seeds)), sparsities=tuple(a.sparsities), workers=a.workers,
@@ -328,7 +329,11 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     results = []
     for phase in plan(study):
-        results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+        if a.report_only:
+            store = fc.ResultStore(study.work)
+            results += [r for r in (store.get(j.key) for j in phase) if r is not None]
+        else:
+            results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
     from fashion_oneshot_report import write_report
 
     out = Path(a.results)

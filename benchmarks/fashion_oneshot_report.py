@@ -38,7 +38,10 @@ def table_lines(study, results: list[dict], key: str = "top1") -> list[str]:
             cells = []
             for s in study.sparsities:
                 rs = [r for r in g.get((method, rt, s), []) if key in r]
-                cells.append(_fmt([r[key] for r in rs]) if rs else "—")
+                cell = _fmt([r[key] for r in rs]) if rs else "—"
+                if rs and len(rs) < len(study.seeds):
+                    cell += f" ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+                cells.append(cell)
             if any(c != "—" for c in cells):
                 label = LABELS[method].replace("|", "\\|")
                 lines.append(f"| {label} | {RETRAIN_LABELS[rt]} | " + " | ".join(cells) + " |")
