@@ -38,8 +38,17 @@ class CIFARDataset(Dataset):
 
 
 def unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    """A CIFAR python-version pickle, or ValueError naming the file when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            ImportError) as e:
+        raise ValueError(f"cannot read {path}: not a CIFAR python-version pickle ({type(e).__name__}: {e}); "
+                         "the file is damaged or is another file: download the dataset again") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"cannot read {path}: a CIFAR pickle holds a dict, this one a {type(entry).__name__}")
+    return entry
 
 
 def cifar(key: str, root: Path, train: bool, download: bool, transform) -> CIFARDataset:

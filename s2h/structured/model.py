@@ -27,6 +27,7 @@ from .flops import FlopsTable, flops_of
 from .groups import GroupInfo
 from .masks import BRANCHES, MaskState
 from .pairing import build_pair_graph
+from .report import ConversionReport, report_of
 
 __all__ = ["S2HModel", "HARD_WIDTHS"]
 
@@ -238,8 +239,15 @@ class S2HModel(nn.Module):
         """A plain ``nn.Module`` with the hard network's channels (current keep counts, or ``widths``)."""
         return export(self, widths)
 
+    def report(self) -> ConversionReport:
+        """Which groups ``convert`` prunes and which it keeps dense (and why); ``print`` it for a table."""
+        return report_of(self)
+
     def extra_repr(self) -> str:
-        return (f"groups={len(self.groups)}, buckets={self.u.numel()}, target_flops={self.target_flops}, "
+        text = (f"groups={len(self.groups)}, buckets={self.u.numel()}, target_flops={self.target_flops}, "
                 f"temperature={self.temperature}, hard_width={self.hard_width!r}")
+        if self.config.get("report") is not None:
+            text += "\n" + self.report().summary()
+        return text
 
 

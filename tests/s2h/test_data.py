@@ -229,3 +229,18 @@ def test_tiny_imagenet_missing(tmp_path):
         get_dataset("tiny-imagenet", tmp_path)
     assert str((tmp_path / "tiny-imagenet-200").resolve()) in str(e.value)
     assert "val_annotations.txt" in str(e.value)
+
+
+def test_corrupt_cifar_file_is_named(tmp_path, capsys):
+    _write_cifar10(tmp_path, np.random.default_rng(0))
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(b"garbage\n")
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR python-version pickle"):
+        get_dataset("cifar10", tmp_path, train=True)
+    # The command line reports the same file and fails cleanly.
+    from s2h import cli
+
+    rc = cli.main(["prune", "--data", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet8",
+                   "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc != 0 and "data_batch_3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # a failed run leaves no empty output folder
