@@ -13,6 +13,9 @@ LABELS = {
     "torch-l1": "torch global_unstructured L1 (one-shot)",
     "gmp": "gradual magnitude (Zhu & Gupta, cubic)",
 }
+# marker and line style: lines that coincide (all methods at 10% once a layer is emptied) stay visible
+STYLE = {"grad-kd": ("s", "-"), "grad-ce": ("^", "--"), "magnitude": ("o", "-"), "torch-l1": ("x", ":"),
+         "gmp": ("D", "-.")}
 RETRAIN_LABELS = {"kd": "KD", "ce": "CE only"}
 
 
@@ -101,8 +104,9 @@ def plot(study, results: list[dict], path: Path, dense: float | None) -> None:
                    for s in study.sparsities if g.get((method, rt, s))]
             if pts:
                 xs, ys, sd = zip(*pts)
-                ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, label=label,
-                            linewidth=2.5 if method == "grad-kd" else 1.5)
+                ax.errorbar(xs, ys, yerr=sd, marker=STYLE[method][0], linestyle=STYLE[method][1], capsize=3,
+                            label=label, linewidth=3 if method == "grad-kd" else 1.5, markersize=8 if method == "grad-kd" else 5,
+                            zorder=3 if method == "grad-kd" else 2)
         if dense is not None:
             ax.axhline(dense, color="gray", linestyle="--", linewidth=1, label="dense student")
         ax.set_title(f"retrained with {RETRAIN_LABELS[rt]}")
