@@ -217,9 +217,11 @@ class S2HModel(nn.Module):
                                self._flops_a_out, self._flops_c_out)
 
     def soft_flops(self) -> torch.Tensor:
-        """Expected MACs per sample from the expected widths E (a tensor; its gradient reaches u)."""
+        """Expected MACs per sample from the expected widths E (a tensor; its gradient reaches u), in fp32
+        at least: fp16 overflows at the MAC counts of real networks."""
         st = self.ensure_masks()
-        return self.flops(st.expected).to(self.u.dtype)
+        dtype = torch.promote_types(self.u.dtype, torch.float32)
+        return self.flops(st.expected.to(dtype)).to(dtype)
 
     def hard_flops(self) -> float:
         """MACs per sample of the hard network (= of ``export()``)."""
