@@ -57,11 +57,19 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", default="runs/fashion_s2h_settings")
     p.add_argument("--results", default=str(fs.RESULTS))
+    p.add_argument("--report-only", action="store_true", help="write the table from the runs finished so far")
     a = p.parse_args(argv)
     base = fs.Study(epochs=a.epochs, seeds=(0,), n_train=a.n_train, targets=(a.target,), workers=a.workers)
     jobs = [(label, s, replace(base, work=Path(a.work) / f"v{i}")) for i, (label, s) in enumerate(VARIANTS)]
-    uniform = fs.run_job((fs.Job("uniform", 0, a.target, epochs=a.epochs), replace(base, work=Path(a.work) / "uniform")))
-    rows = fc.run_parallel(run_variant, jobs, a.workers)
+    uniform_job = (fs.Job("uniform", 0, a.target, epochs=a.epochs), replace(base, work=Path(a.work) / "uniform"))
+    if a.report_only:
+        uniform = fc.ResultStore(uniform_job[1].work).get(uniform_job[0].key)
+        rows = [r for r in (fc.ResultStore(st.work).get(fs.Job("s2h", 0, a.target, epochs=a.epochs).key)
+                            for _, _, st in jobs) if r is not None]
+    else:
+        uniform = fs.run_job(uniform_job)
+        rows = fc.run_parallel(run_variant, jobs, a.workers)
+    missing = [label for label, _, _ in jobs if label not in {r["label"] for r in rows}]
     lines = [f"# S2H settings on Fashion-MNIST (ResNet-{base.depth}, {a.n_train:,} images, {a.epochs} epochs, "
              f"{100 * a.target:g}% FLOPs, seed 0)", "",
              f"Machine: {fc.machine_line()}. `python benchmarks/fashion_s2h_settings.py`. The structured study's "
@@ -72,8 +80,12 @@ def main(argv=None) -> None:
     for r in rows:
         lines.append(f"| {r['label']} | {r['top1']:.2f} | {r['soft_top1']:.2f} | {100 * r['flops_frac']:.1f} | "
                      f"{' '.join(map(str, r['keep']))} |")
-    lines.append(f"| uniform width {'/'.join(map(str, uniform['widths']))}, from scratch (reference) | "
-                 f"{uniform['top1']:.2f} | — | {100 * uniform['flops_frac']:.1f} | — |")
+    if uniform is not None:
+        lines.append(f"| uniform width {'/'.join(map(str, uniform['widths']))}, from scratch (reference) | "
+                     f"{uniform['top1']:.2f} | — | {100 * uniform['flops_frac']:.1f} | — |")
+    if missing:
+        lines += ["", "Not run yet (`python benchmarks/fashion_s2h_settings.py` runs them; finished rows are kept): "
+                  + "; ".join(missing) + "."]
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fashion_s2h_settings.md").write_text("\n".join(lines) + "\n")
