@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_common as fc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The settings S2H runs with here (found in the study of docs/fashion_s2h_settings.md), passed
+# The settings S2H runs with here (the library defaults; benchmarks/results/fashion_s2h_settings.md), passed
 # explicitly so the table says what ran: θ coefficients 1 and 1, the resource loss on the hard
 # network's FLOPs, Adam on the masks.
 S2H_SETTINGS = {"ce_coef": 1.0, "gap_coef": 1.0, "resource_target": "hard", "mask_optimizer": ("adam", 0.02)}
