@@ -53,16 +53,17 @@ __device__ acc_t block_all_reduce(acc_t local, Op op, Shared<acc_t>& sh) {
   return all;
 }
 
-// Block-wide softmax shift and 1 / sum of exp over the group's scaled logits.
+// Block-wide softmax shift and sum of exp over the group's scaled logits. (p = weight / s: a
+// reciprocal taken once here made ptxas spill 8 B around its slow path in the forward kernel.)
 template <typename scalar_t, typename acc_t>
 __device__ void softmax_stats(const scalar_t* u, int64_t n, acc_t inv_tau, Shared<acc_t>& sh, acc_t& m,
-                              acc_t& inv_s) {
+                              acc_t& s) {
   acc_t local = -INFINITY;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) local = max(local, acc_t(u[j]) * inv_tau);
   m = softmax_shift(block_all_reduce(local, MaxOp<acc_t>(), sh));
   local = 0;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) local += bucket_exp(acc_t(u[j]), inv_tau, m);
-  inv_s = acc_t(1) / block_all_reduce(local, SumOp<acc_t>(), sh);
+  s = block_all_reduce(local, SumOp<acc_t>(), sh);
 }
 
 // Group g's first channel: sum over earlier groups of buckets * divisor (G is small; this saves
@@ -91,8 +92,8 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
   const int64_t d = divisors[g];
   const scalar_t* u = u_all + offsets[g];
   scalar_t* w_out = w_all + group_channel_start(offsets, divisors, g, sh);
-  acc_t m, inv_s;
-  softmax_stats(u, n, inv_tau, sh, m, inv_s);
+  acc_t m, s;
+  softmax_stats(u, n, inv_tau, sh, m, s);
   const int64_t chunks = (n + kThreads - 1) / kThreads;
   // Two identical reverse scans: the first sums w (for mean(w) and E), the second writes
   // channels and counts kept buckets. Thread t holds bucket chunk_end - 1 - t, so an inclusive
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) channel_masks_fwd_kernel(
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t j = c * kThreads + (kThreads - 1 - threadIdx.x);
       const bool valid = j < n;
-      const acc_t p = valid ? bucket_exp(acc_t(u[j]), inv_tau, m) * inv_s : acc_t(0);
+      const acc_t p = valid ? bucket_exp(acc_t(u[j]), inv_tau, m) / s : acc_t(0);
       acc_t w, total;
       Scan(sh.scan).InclusiveSum(p, w, total);
       __syncthreads();
@@ -148,8 +149,8 @@ __global__ void __launch_bounds__(kThreads) channel_masks_bwd_kernel(
   const scalar_t* gw = grad_w_all + group_channel_start(offsets, divisors, g, sh);
   scalar_t* gu = grad_u_all + offsets[g];
   const acc_t ge = acc_t(grad_expected[g]);
-  acc_t m, inv_s;
-  softmax_stats(u, n, inv_tau, sh, m, inv_s);
+  acc_t m, s;
+  softmax_stats(u, n, inv_tau, sh, m, s);
   const int64_t chunks = (n + kThreads - 1) / kThreads;
   // Two identical forward scans of the bucket gradients: the first gives dot = sum p*gp, the
   // second writes du = p (gp - dot) / tau.
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) channel_masks_bwd_kernel(
       acc_t gb = 0, p = 0;
       if (valid) {
         gb = bucket_grad_at(gw, j, d, ge);
-        p = bucket_exp(acc_t(u[j]), inv_tau, m) * inv_s;
+        p = bucket_exp(acc_t(u[j]), inv_tau, m) / s;
       }
       acc_t gp, total;
       Scan(sh.scan).InclusiveSum(gb, gp, total);

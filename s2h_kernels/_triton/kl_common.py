@@ -49,7 +49,7 @@ MAX_WARPS = 16
 
 
 def launch_config(C: int, dtype: torch.dtype, elems_per_thread: dict | None = None, max_warps: int = MAX_WARPS,
-                  short_tile: dict | None = None) -> dict:
+                  short_tile: dict | None = None, min_rows: int = 1) -> dict:
     """Block sizes of the KL kernels (kl_gap, ca_kld, top1) for rows of C classes of ``dtype``.
 
     A program takes a ``[ROWS, BLOCK]`` tile: BLOCK = next power of two of C up to a cap (longer
@@ -62,5 +62,9 @@ def launch_config(C: int, dtype: torch.dtype, elems_per_thread: dict | None = No
     ept = (elems_per_thread or ELEMS_PER_THREAD)[kind]
     block = min(max(triton.next_power_of_2(max(int(C), 1)), MIN_BLOCK), MAX_BLOCK, max_warps * 32 * ept)
     if block < MIN_WARPS * 32 * ept:
-        return dict(ROWS=max(1, (short_tile or SHORT_TILE)[kind] // block), BLOCK=block, num_warps=MIN_WARPS)
+        tile = (short_tile or SHORT_TILE)[kind]
+        rows = max(1, tile // block)
+        if rows < min_rows and min_rows * block <= 2 * tile:  # at most twice the short tile
+            rows = min_rows
+        return dict(ROWS=rows, BLOCK=block, num_warps=MIN_WARPS)
     return dict(ROWS=1, BLOCK=block, num_warps=min(max_warps, block // (32 * ept)))

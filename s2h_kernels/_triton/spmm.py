@@ -41,8 +41,9 @@ def spmm_kernel(
 
 def launch_config(n: int, dtype: torch.dtype, interpreted: bool | None = None) -> dict:
     """Block sizes for N dense columns: BLOCK_N = next power of two of N in [16, 128]; BLOCK_K
-    nonzeros per step, 16 at BLOCK_N = 128 (a [32, 128] step took 144 registers, 19-38% occupancy;
-    [16, 128] takes 38 in fp32, 56 in fp64: >= 50%), else 32. Small blocks under the interpreter.
+    nonzeros per step, 16 (fp32) or 8 (fp64) at BLOCK_N = 128 (a [32, 128] step took 144 registers,
+    19-38% occupancy; [16, 128] takes 38 in fp32, [8, 128] 40 in fp64: >= 50%), else 32. Small
+    blocks under the interpreter.
 
     No autotuning: the best BLOCK_K also depends on the nonzeros per row, which is not a shape the
     autotuner's key can see; BLOCK_N follows N.
@@ -50,7 +51,8 @@ def launch_config(n: int, dtype: torch.dtype, interpreted: bool | None = None) -
     if interpreted if interpreted is not None else triton_interpreted():
         return dict(BLOCK_N=32, BLOCK_K=16, num_warps=4)
     block_n = max(16, min(128, triton.next_power_of_2(n)))
-    return dict(BLOCK_N=block_n, BLOCK_K=16 if block_n >= 128 else 32, num_warps=4)
+    block_k = (8 if dtype == torch.float64 else 16) if block_n >= 128 else 32
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
 def spmm(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, row_order: torch.Tensor,
