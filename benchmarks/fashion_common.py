@@ -176,6 +176,18 @@ class ResultStore:
         p = self.path(key)
         return json.loads(p.read_text()) if p.is_file() else None
 
+    def finished(self, keys) -> list[dict]:
+        """The stored results of those ``keys`` that have one."""
+        return [r for r in (self.get(k) for k in keys) if r is not None]
+
+    def result_or_claim(self, key: str) -> dict | None:
+        """The result of ``key`` if stored (or once the process running it has stored it); None when this
+        process has claimed it and should run it."""
+        done = self.get(key)
+        if done is None and not self.claim(key):
+            done = self.wait(key)
+        return done
+
     def claim(self, key: str) -> bool:
         """True if this process may run ``key``: no live process holds its lock (a dead one's is taken over)."""
         lock = self.folder / f"{key}.lock"

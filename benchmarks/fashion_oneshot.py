@@ -273,7 +273,7 @@ def prune_and_retrain(job: Job, study: Study, data: fc.FashionData) -> tuple[nn.
 def run_job(args: tuple[Job, Study]) -> dict:
     job, study = args
     store = fc.ResultStore(study.work)
-    done = store.get(job.key)
+    done = store.result_or_claim(job.key)
     if done is not None:
         return done
     t0 = time.perf_counter()
@@ -330,8 +330,7 @@ def main(argv=None) -> None:
     results = []
     for phase in plan(study):
         if a.report_only:
-            store = fc.ResultStore(study.work)
-            results += [r for r in (store.get(j.key) for j in phase) if r is not None]
+            results += fc.ResultStore(study.work).finished(j.key for j in phase)
         else:
             results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
     from fashion_oneshot_report import write_report

@@ -38,7 +38,7 @@ def run_variant(args) -> dict:
     job = fs.Job("s2h", study.seeds[0], study.targets[0], epochs=study.epochs)
     t0 = time.perf_counter()
     store = fc.ResultStore(study.work)
-    done = store.get(job.key)
+    done = store.result_or_claim(job.key)
     if done is None:
         data = fc.load_fashion(study.n_train, n_test=study.n_test)
         net, extra = fs.s2h_train(job, study, data)
@@ -64,8 +64,8 @@ def main(argv=None) -> None:
     uniform_job = (fs.Job("uniform", 0, a.target, epochs=a.epochs), replace(base, work=Path(a.work) / "uniform"))
     if a.report_only:
         uniform = fc.ResultStore(uniform_job[1].work).get(uniform_job[0].key)
-        rows = [r for r in (fc.ResultStore(st.work).get(fs.Job("s2h", 0, a.target, epochs=a.epochs).key)
-                            for _, _, st in jobs) if r is not None]
+        key = fs.Job("s2h", 0, a.target, epochs=a.epochs).key
+        rows = [r for _, _, st in jobs for r in fc.ResultStore(st.work).finished([key])]
     else:
         uniform = fs.run_job(uniform_job)
         rows = fc.run_parallel(run_variant, jobs, a.workers)

@@ -212,11 +212,9 @@ def s2h_train(job: Job, study: Study, data: fc.FashionData) -> tuple[nn.Module, 
 def run_job(args: tuple[Job, Study]) -> dict:
     job, study = args
     store = fc.ResultStore(study.work)
-    done = store.get(job.key)
+    done = store.result_or_claim(job.key)  # another study process may be running it: then its result
     if done is not None:
         return done
-    if not store.claim(job.key):  # another study process runs this job: wait for its result
-        return store.wait(job.key)
     t0, c0 = time.perf_counter(), time.process_time()
     data = fc.load_fashion(study.n_train, n_test=study.n_test)
     extra: dict = {}
@@ -229,12 +227,12 @@ def run_job(args: tuple[Job, Study]) -> dict:
         net = fc.train_supervised(resnet(study.depth, w), data, job.epochs, job.seed)
         extra["widths"] = list(w)
     elif job.method.startswith("tp-"):
-        pre = torch.load(model_path(study, Job("dense", job.seed, epochs=job.pretrain)), weights_only=False)
-        t_pre = store.get(Job("dense", job.seed, epochs=job.pretrain).key)["wall_s"]
+        pre_job = Job("dense", job.seed, epochs=job.pretrain)
+        pre_row = store.get(pre_job.key)
+        pre = torch.load(model_path(study, pre_job), weights_only=False)
         net = tp_prune(pre, job.method[3:], job.target, data, job.seed)
         net = fc.train_supervised(net, data, job.epochs, job.seed + 1000)
-        pre_row = store.get(Job("dense", job.seed, epochs=job.pretrain).key)
-        extra["pretrain_wall_s"] = t_pre
+        extra["pretrain_wall_s"] = pre_row["wall_s"]
         if "cpu_s" in pre_row:
             extra["pretrain_cpu_s"] = pre_row["cpu_s"]
     elif job.method == "s2h":
@@ -320,8 +318,7 @@ def main(argv=None) -> None:
     phases = plan(study)
     for i, phase in enumerate(phases):
         if a.report_only:
-            store = fc.ResultStore(study.work)
-            results += [r for r in (store.get(j.key) for j in phase) if r is not None]
+            results += fc.ResultStore(study.work).finished(j.key for j in phase)
         elif a.phase is None or a.phase == i:
             results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
     if a.phase is not None:

@@ -265,8 +265,9 @@ def test_eval_mode_warns_once():
     m = mlp()
     m.eval()
     tr = trainer(S2HPruner, m)
-    with pytest.warns(UserWarning, match="eval mode.*model.train"):
+    with pytest.warns(UserWarning, match="eval mode.*model.train") as record:
         tr.step(*batch(4))
+    assert sum("eval mode" in str(w.message) for w in record) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tr.step(*batch(4))
