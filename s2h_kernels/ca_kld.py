@@ -23,10 +23,9 @@ from torch.autograd.function import once_differentiable
 
 from . import _kl, _triton
 from ._registration import define_triton_op, register_op
+from .reference.ca_kld import CA_KLD_EPS
 
 __all__ = ["ca_kld"]
-
-CA_KLD_EPS = 1e-7
 
 
 def _triton_ca_kld(student, teacher, temperature, gamma, standardize, eps, grad_scale=1.0):

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from . import _kl
 
+# The default epsilon of the standardisation; the fused op takes its default from here.
+CA_KLD_EPS = 1e-7
+
 
 def standardize_rows(z: torch.Tensor, eps: float) -> torch.Tensor:
     """(z - mean) / (std + eps) per row over the finite logits; -inf stays -inf.
@@ -43,7 +46,7 @@ def ca_kld(
     standardize: bool = True,
     reduction: str = "batchmean",
     backend: Optional[str] = None,
-    eps: float = 1e-7,
+    eps: float = CA_KLD_EPS,
     detach_teacher: bool = True,
 ) -> torch.Tensor:
     """gamma KL(P_T || P_S) + (1 - gamma) KL(P_S || P_T); see ``s2h_kernels.ca_kld``.
