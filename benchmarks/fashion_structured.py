@@ -74,12 +74,10 @@ class Job:
 
 def resnet(depth: int, widths=(16, 32, 64)) -> nn.Module:
     """A CIFAR ResNet (3x3 stem, three stages) for 1-channel 28x28 images, 10 classes."""
-    from s2h.models.cifar import CifarResNet
+    import s2h
 
-    net = CifarResNet(depth, num_classes=10, widths=tuple(widths))
-    net.conv1 = nn.Conv2d(1, net.conv1.out_channels, 3, 1, 1, bias=False)
-    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return net
+    return s2h.models.build_model(f"resnet{depth}", num_classes=10, in_channels=1, image_size=28,
+                                  widths=tuple(widths))
 
 
 def reinit(net: nn.Module, seed: int) -> nn.Module:
