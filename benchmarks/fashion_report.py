@@ -153,3 +153,87 @@ def write_structured_report(study, results: list[dict], stem: Path, wall_s: floa
         text += ["## The paper's Table 5 on this setup "
                  f"({100 * study.targets[0]:g}% FLOPs, seed {study.seeds[0]})", "", *table5_lines(study, results), ""]
     stem.with_suffix(".md").write_text("\n".join(text) + "\n")
+
+
+CURVE_LABELS = {"dense": "dense", "uniform": "uniform width, from scratch",
+                "tp-magnitude": "Torch-Pruning GroupMagnitude (dense E/2 + fine-tune E/2)",
+                "s2h": "S2H, one stage"}
+
+
+def write_curve_report(study, budgets: list[int], results: list[dict], stem: Path, wall_s: float | None) -> None:
+    """Top-1 against the epoch budget E, per method and FLOPs target: where S2H starts to win."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_key = {r["key"]: r for r in results}
+    groups: dict = defaultdict(list)
+    for r in by_key.values():
+        if r.get("table5_row"):
+            continue
+        # Torch-Pruning's budget is pre-training + fine-tuning: the main study's 2x-budget row at E is the
+        # curve's point at 2E
+        budget = r["epochs"] + r.get("pretrain", 0)
+        groups[(r["method"], r["target"], budget)].append(r)
+    cols = sorted(budgets)
+    head = "| method | FLOPs target | " + " | ".join(f"E = {E}" for E in cols) + " | CPU s / run at E = " + f"{cols[-1]} |"
+    lines = [head, "|---|---|" + "---|" * (len(cols) + 1)]
+    fig, axes = plt.subplots(1, len(study.targets), figsize=(6 * len(study.targets), 4.5), squeeze=False)
+    for ti, target in enumerate(study.targets):
+        ax = axes[0][ti]
+        for method in ("dense", *CURVE_METHODS_ORDER):
+            t = 1.0 if method == "dense" else target
+            cells, pts = [], []
+            for E in cols:
+                rs = groups.get((method, t, E), [])
+                if not rs:
+                    cells.append("—")
+                    continue
+                m, sd = fc.mean_std([r["top1"] for r in rs])
+                cells.append(f"{_fmt(m, sd, len(rs))} (n={len(rs)})")
+                pts.append((E, m, sd))
+            last = groups.get((method, t, cols[-1]), [])
+            cpus = [r["cpu_s"] + r.get("pretrain_cpu_s", 0.0) for r in last if "cpu_s" in r]
+            cpu = f"{fc.mean_std(cpus)[0]:.0f}" if cpus and len(cpus) == len(last) else "—"
+            lines.append(f"| {CURVE_LABELS[method]} | {'—' if method == 'dense' else f'{100 * target:g}%'} | "
+                         + " | ".join(cells) + f" | {cpu} |")
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=CURVE_LABELS[method],
+                            linestyle="--" if method == "dense" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cols, [str(E) for E in cols])
+        ax.set_xlabel("epoch budget E")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{100 * target:g}% of the dense FLOPs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Fashion-MNIST, ResNet-{study.depth}, {study.n_train or 60000:,} training images")
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    text = [
+        "# The budget curve: S2H and its peers at several epoch budgets (Fashion-MNIST)",
+        "",
+        f"Machine: {fc.machine_line()}. Written by `python benchmarks/fashion_structured.py --curve "
+        + " ".join(map(str, cols)) + "`"
+        + (f" ({wall_s / 60:.0f} min of wall time for the runs not already in the work folder, "
+           f"{study.workers} runs in parallel, 1 thread each)." if wall_s is not None else " `--report-only`."),
+        "",
+        "Protocol: the structured study's (fashion_structured.md), with the budget E varied: every method gets "
+        "E epochs in all (Torch-Pruning: dense E/2, then fine-tuning E/2, GroupMagnitude, its better "
+        "importance in the main study); the cosine schedule spans each run's own epochs. Seeds: "
+        + ", ".join(map(str, study.seeds)) + "; cells are top-1 % of the exported model, mean ± std over "
+        "the seeds (n). Dense rows are at the budgets the work folder holds (the main study's E and "
+        "Torch-Pruning's E/2 pre-training).",
+        "",
+        *lines,
+        "",
+        f"![top-1 against the epoch budget]({stem.with_suffix('.png').name})",
+        "",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(text) + "\n")
+
+
+CURVE_METHODS_ORDER = ("uniform", "tp-magnitude", "s2h")

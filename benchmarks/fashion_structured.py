@@ -3,6 +3,7 @@
     python benchmarks/fashion_structured.py                 # the default study (about 90 min, 2 cores)
     python benchmarks/fashion_structured.py --smoke         # the pipeline end to end in under a minute
     python benchmarks/fashion_structured.py --epochs 30 --seeds 3 --n-train 60000   # larger
+    python benchmarks/fashion_structured.py --curve 4 8 16  # the budget curve: S2H and its peers at E = 4, 8, 16
 
 Writes ``benchmarks/results/fashion_structured.md`` and ``fashion_structured.png``. Finished rows
 are kept under ``--work`` (one JSON file and one model file per run), so a study cut short
@@ -272,6 +273,23 @@ def plan(study: Study) -> list[list[Job]]:
     return [first, second] + ([third] if study.table5 else [])
 
 
+CURVE_METHODS = ("uniform", "tp-magnitude", "s2h")
+
+
+def curve_plan(study: Study, budgets: list[int]) -> list[list[Job]]:
+    """The budget curve: uniform width, Torch-Pruning (GroupMagnitude, dense E/2 + fine-tune E/2) and S2H at
+    every budget E, both targets, every seed. Runs share the main study's work folder and keys, so the
+    points at the main study's E are its own rows. The longest runs go first, to balance the workers."""
+    first, second = [], []
+    for E in sorted(budgets, reverse=True):
+        half = max(1, E // 2)
+        first += [Job("s2h", s, t, epochs=E) for t in study.targets for s in study.seeds]
+        first += [Job("uniform", s, t, epochs=E) for t in study.targets for s in study.seeds]
+        first += [Job("dense", s, epochs=half) for s in study.seeds]
+        second += [Job("tp-magnitude", s, t, pretrain=half, epochs=E - half) for t in study.targets for s in study.seeds]
+    return [list(dict.fromkeys(first)), second]
+
+
 def measure_latency(study: Study, results: list[dict], rounds: int = 25) -> None:
     """Latency of every exported model after training, 1 thread, in this process: the models are timed
     in interleaved rounds (one call each per round) and each gets its median, so a busy moment of the
@@ -305,12 +323,18 @@ def main(argv=None) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs finished so far (a study cut short)")
     p.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch, 1 seed: checks the pipeline")
+    p.add_argument("--curve", type=int, nargs="+", default=None, metavar="E",
+                   help="instead of the study: the budget curve at these budgets E (writes fashion_structured_curve.md)")
     a = p.parse_args(argv)
     study = Study(epochs=a.epochs, seeds=tuple(range(a.seeds)), n_train=a.n_train, targets=tuple(a.targets),
                   depth=a.depth, workers=a.workers, work=Path(a.work), table5=not a.no_table5)
     if a.smoke:
         study = replace(study, epochs=2, seeds=(0,), n_train=384, n_test=300, depth=8, targets=(0.3,),
                         table5=False, workers=1)
+    if a.curve:
+        if min(a.curve) < 2:
+            p.error("--curve: every budget must be at least 2 epochs (Torch-Pruning trains E/2, then fine-tunes E/2)")
+        return run_curve(study, a.curve, Path(a.results), a.report_only)
     t0 = time.perf_counter()
     results = []
     phases = plan(study)
@@ -332,6 +356,25 @@ def main(argv=None) -> None:
     write_structured_report(study, results, out / ("fashion_structured_smoke" if a.smoke else "fashion_structured"),
                             wall_s=None if a.report_only else time.perf_counter() - t0, missing=missing)
     print(f"wrote {out / 'fashion_structured'}.md/.png in {time.perf_counter() - t0:.0f} s")
+
+
+def run_curve(study: Study, budgets: list[int], out: Path, report_only: bool) -> None:
+    from fashion_report import write_curve_report
+
+    t0 = time.perf_counter()
+    phases = curve_plan(study, budgets)
+    results = []
+    for phase in phases:
+        if report_only:
+            results += fc.ResultStore(study.work).finished(j.key for j in phase)
+        else:
+            results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+    # dense at every budget where the work folder has it (the main study's E, Torch-Pruning's E/2)
+    results += fc.ResultStore(study.work).finished(Job("dense", s, epochs=E).key for E in budgets for s in study.seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    write_curve_report(study, budgets, results, out / "fashion_structured_curve",
+                       wall_s=None if report_only else time.perf_counter() - t0)
+    print(f"wrote {out / 'fashion_structured_curve'}.md/.png in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

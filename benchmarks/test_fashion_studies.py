@@ -72,3 +72,25 @@ def test_structured_study_smoke(tmp_path):
     fs.main(["--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path)])
     after = {json.loads(p.read_text())["key"]: json.loads(p.read_text())["wall_s"] for p in (tmp_path / "work").glob("*.json")}
     assert after == before
+
+
+@needs_data
+def test_budget_curve_smoke(tmp_path):
+    import fashion_structured as fs
+
+    args = ["--smoke", "--curve", "2", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
+    fs.main(args)
+    rows = {r["key"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "work").glob("*.json"))}
+    # every curve method at E = 2 (Torch-Pruning: 1 dense epoch + 1 fine-tuning epoch)
+    assert {(r["method"], r["epochs"] + r["pretrain"]) for r in rows.values()} == {
+        ("dense", 1), ("uniform", 2), ("tp-magnitude", 2), ("s2h", 2)}
+    text = (tmp_path / "fashion_structured_curve.md").read_text()
+    for method, label in (("uniform", "uniform width"), ("s2h", "S2H, one stage"), ("tp-magnitude", "Torch-Pruning")):
+        top1 = next(r["top1"] for r in rows.values() if r["method"] == method)
+        line = next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+        assert f"{top1:.2f} (n=1)" in line, (line, top1)
+    assert (tmp_path / "fashion_structured_curve.png").stat().st_size > 10_000
+    # Finished runs are kept: a second call runs nothing.
+    fs.main(args)
+    again = {r["key"]: r["wall_s"] for r in (json.loads(p.read_text()) for p in (tmp_path / "work").glob("*.json"))}
+    assert again == {k: r["wall_s"] for k, r in rows.items()}
