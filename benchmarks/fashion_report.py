@@ -77,6 +77,56 @@ def table5_lines(study, results: list[dict]) -> list[str]:
     return lines
 
 
+def goal_lines(study, results: list[dict]) -> list[str]:
+    """The issue's goals, computed from the runs (met / not met), so a rerun states its own verdict."""
+    main = [r for r in results if not r.get("table5_row")]
+
+    def rows(method: str, target: float, kind: int = 0) -> list[dict]:
+        return [r for r in main if r["method"] == method and r["target"] == target and _budget_kind(r, study.epochs) == kind
+                and (method != "dense" or r["epochs"] == study.epochs)]
+
+    def stat(rs: list[dict]) -> tuple[float, float]:
+        return fc.mean_std([r["top1"] for r in rs])
+
+    out = ["## Goals, as measured (computed from the rows above)", ""]
+    for t in study.targets:
+        s2h = rows("s2h", t)
+        peers = {"uniform width": rows("uniform", t), "Torch-Pruning GroupMagnitude": rows("tp-magnitude", t, 1),
+                 "Torch-Pruning GroupTaylor": rows("tp-taylor", t, 1)}
+        peers = {k: stat(v) for k, v in peers.items() if v}
+        if not s2h or not peers:
+            continue
+        m, sd = stat(s2h)
+        best = max(peers, key=lambda k: peers[k][0])
+        bm, bsd = peers[best]
+        verdict = "met" if m >= bm else "**not met**"
+        out.append(f"- S2H at least as accurate as the best peer at the same budget, {100 * t:g}% FLOPs: {verdict} "
+                   f"(S2H {m:.2f} ± {sd:.2f}, best peer {best} {bm:.2f} ± {bsd:.2f}; difference {m - bm:+.2f}, "
+                   f"seed std {max(sd, bsd):.2f}).")
+    dense, s2h15 = rows("dense", 1.0), rows("s2h", study.targets[0])
+    if dense and s2h15:
+        gap = stat(dense)[0] - stat(s2h15)[0]
+        out.append(f"- S2H within 1.5 points of dense at {100 * study.targets[0]:g}%: {'met' if gap <= 1.5 else '**not met**'} "
+                   f"(dense {stat(dense)[0]:.2f} − S2H {stat(s2h15)[0]:.2f} = {gap:.2f}).")
+    s2h_all = [r for r in main if r["method"] == "s2h"]
+    if s2h_all:
+        errs = [abs(r["flops_frac"] - r["target"]) / r["target"] for r in s2h_all]
+        out.append(f"- Exported FLOPs within 1% of the target for every seed: {'met' if max(errs) <= 0.01 else '**not met**'} "
+                   f"(" + ", ".join(f"{100 * r['flops_frac']:.2f}% at {100 * r['target']:g}%" for r in s2h_all)
+                   + f"; largest relative error {100 * max(errs):.2f}%).")
+    t5 = {r["table5_row"]: r["top1"] for r in results if r["method"] == "s2h" and r.get("table5_row")
+          and r["seed"] == study.seeds[0] and r["target"] == study.targets[0]}
+    full = next((r["top1"] for r in s2h15 if r["seed"] == study.seeds[0]), None)
+    if t5 and full is not None:
+        t5[2] = full
+        best_row = max(t5, key=t5.get)
+        far = all(t5.get(r, full) < full - 5 for r in (3, 4))
+        out.append(f"- Table 5's ordering (row 2 the best; rows 3 and 4 more than 5 points below it): "
+                   f"{'reproduced' if best_row == 2 and far else '**not reproduced**'} (best row {best_row}; "
+                   + ", ".join(f"row {r} {t5[r]:.2f}" for r in sorted(t5)) + ").")
+    return out + [""]
+
+
 def plot(points: dict, path: Path, title: str, xlabel: str, dense: float | None = None) -> None:
     import matplotlib
 
@@ -101,7 +151,7 @@ def plot(points: dict, path: Path, title: str, xlabel: str, dense: float | None 
 
 
 def write_structured_report(study, results: list[dict], stem: Path, wall_s: float | None,
-                            missing: list[str] = ()) -> None:
+                            missing: list[str] = (), findings: Path | None = None) -> None:
     lines, points = structured_table(study, results)
     dense = points.pop("1. dense", [(100.0, float("nan"), 0.0)])[0][1]
     plot(points, stem.with_suffix(".png"), f"Fashion-MNIST, ResNet-{study.depth}, {study.epochs} epochs",
@@ -152,6 +202,9 @@ def write_structured_report(study, results: list[dict], stem: Path, wall_s: floa
     if study.table5:
         text += ["## The paper's Table 5 on this setup "
                  f"({100 * study.targets[0]:g}% FLOPs, seed {study.seeds[0]})", "", *table5_lines(study, results), ""]
+    text += goal_lines(study, results)
+    if findings is not None and Path(findings).is_file():  # the hand-written reading of the last full run
+        text += ["", Path(findings).read_text().rstrip()]
     stem.with_suffix(".md").write_text("\n".join(text) + "\n")
 
 

@@ -354,7 +354,8 @@ def main(argv=None) -> None:
     done = {r["key"] for r in results}
     missing = [j.key for phase in phases for j in phase if j.key not in done]
     write_structured_report(study, results, out / ("fashion_structured_smoke" if a.smoke else "fashion_structured"),
-                            wall_s=None if a.report_only else time.perf_counter() - t0, missing=missing)
+                            wall_s=None if a.report_only else time.perf_counter() - t0, missing=missing,
+                            findings=None if a.smoke else RESULTS / "fashion_structured_findings.md")
     print(f"wrote {out / 'fashion_structured'}.md/.png in {time.perf_counter() - t0:.0f} s")
 
 

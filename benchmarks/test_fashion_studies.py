@@ -67,6 +67,12 @@ def test_structured_study_smoke(tmp_path):
     text = (tmp_path / "fashion_structured_smoke.md").read_text()
     assert "5. S2H" in text and "Torch-Pruning, GroupTaylor" in text and "## Protocol" in text
     assert (tmp_path / "fashion_structured_smoke.png").stat().st_size > 10_000
+    # The goals are stated from the rows: S2H against the best same-budget peer, recomputed here.
+    peers = [r["top1"] for r in rows if r["method"] == "uniform" or (r["method"].startswith("tp-") and r["pretrain"] == 1)]
+    goal = next(line for line in text.splitlines() if "best peer at the same budget, 30%" in line)
+    assert ("**not met**" in goal) == (s2h_run["top1"] < max(peers)), goal
+    flops = next(line for line in text.splitlines() if "within 1% of the target" in line)
+    assert ("**not met**" in flops) == (abs(s2h_run["flops_frac"] - 0.3) > 0.003), flops
     # A second call finds every run finished and only rewrites the report.
     before = {k: v["wall_s"] for k, v in by.items()}
     fs.main(["--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path)])
