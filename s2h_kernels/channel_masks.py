@@ -133,6 +133,35 @@ def _check_layout(u: torch.Tensor, offsets: torch.Tensor, divisors: torch.Tensor
     return sum((off[g + 1] - off[g]) * div[g] for g in range(len(div)))
 
 
+# Validated layouts: (id(offsets), id(divisors)) -> (offsets, its version, divisors, its version,
+# len(u), num_channels). The entry holds the tensors themselves, so their ids cannot be reused while
+# it lives; a layout is re-validated when either tensor was written in place (its version changed) or
+# u's length differs. Writes that bypass the version counter (through ``.data``) are not seen: build
+# a new offsets tensor instead. On the CPU the C++ op re-checks the layout anyway.
+_LAYOUTS: dict[tuple[int, int], tuple] = {}
+_LAYOUTS_MAX = 32
+
+
+def _cached_num_channels(u: torch.Tensor, offsets: torch.Tensor, divisors: torch.Tensor) -> int:
+    """num_channels of a layout given as tensors: validated (:func:`_check_layout`, a host read of
+    offsets and divisors) on first use, then served from :data:`_LAYOUTS` while neither changed."""
+    key = (id(offsets), id(divisors))
+    hit = _LAYOUTS.get(key)
+    try:
+        versions = (offsets._version, divisors._version)
+    except RuntimeError:  # inference tensors have no version counter: validate every call
+        return _check_layout(u, offsets, divisors)
+    n = u.shape[0]
+    if (hit is not None and hit[0] is offsets and hit[2] is divisors and hit[1] == versions[0]
+            and hit[3] == versions[1] and hit[4] == n):
+        return hit[5]
+    num_channels = _check_layout(u, offsets, divisors)
+    if hit is None and len(_LAYOUTS) >= _LAYOUTS_MAX:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (offsets, versions[0], divisors, versions[1], n, num_channels)
+    return num_channels
+
+
 def channel_masks(
     u: torch.Tensor,
     offsets: torch.Tensor | Sequence[int],
@@ -156,7 +185,52 @@ def channel_masks(
         ``w`` (per channel, packed in group order, u's dtype, differentiable), ``expected``
         (per group, in channels, differentiable) and ``keep`` (per group, int64, in channels;
         at least one bucket, at most the whole group).
+
+    A layout given as tensors (offsets, and divisors unless None) is validated, which reads it on
+    the host (a sync for CUDA tensors), on its first use only: again when either tensor is written
+    in place, never for writes that bypass autograd's version counter (``.data``).
     """
+    # The common training-step call, kept lean (the C++ work is microseconds): CPU tensors, offsets
+    # (and divisors) as int64 tensors, outside torch.compile. The C++ op checks the layout itself,
+    # so anything wrong there takes the full path below only to name the problem. The autograd
+    # Function is entered directly, not through the dispatcher (s2h_kernels/_registration.py; that
+    # also lets torch.func.grad through: a Python Autograd kernel does not compose with it).
+    if (isinstance(u, torch.Tensor) and isinstance(offsets, torch.Tensor) and u.is_cpu and offsets.is_cpu
+            and (backend is None or backend == "cpu") and u.is_floating_point() and u.dim() == 1
+            and offsets.dtype is torch.int64 and offsets.dim() == 1 and offsets.shape[0] >= 2
+            and temperature > 0 and not torch.compiler.is_compiling()):
+        mode = 0 if hard_width == "threshold" else (1 if hard_width == "expected" else None)
+        num_channels = None  # stays None where the full path must look (and name the problem)
+        if mode is not None and divisors is None:
+            divisors_t = _cpu_ones(offsets.shape[0] - 1)
+            num_channels = u.shape[0]
+        elif (mode is not None and isinstance(divisors, torch.Tensor) and divisors.is_cpu
+              and divisors.dtype is torch.int64):
+            divisors_t = divisors
+            try:
+                num_channels = _cached_num_channels(u, offsets, divisors)
+            except ValueError:
+                pass
+        if num_channels is not None:
+            try:
+                return _channel_masks_cpp(u, offsets, divisors_t, float(temperature), mode, num_channels)
+            except RuntimeError:
+                _full_checks(u, offsets, temperature, divisors, hard_width, backend)  # names the problem
+                _check_layout(u, offsets, divisors_t)
+                raise
+    op, args, cpp_checks = _full_checks(u, offsets, temperature, divisors, hard_width, backend)
+    if not cpp_checks:
+        return op(*args)
+    try:
+        return op(*args)
+    except RuntimeError:
+        _check_layout(u, args[1], args[2])
+        raise
+
+
+def _full_checks(u, offsets, temperature, divisors, hard_width, backend):
+    """Every check, each with its ValueError; -> (the op variant to call, its arguments, whether
+    the layout is left to the C++ op to check)."""
     if not isinstance(u, torch.Tensor):
         raise ValueError(f"channel_masks: u must be a tensor, got {type(u).__name__}")
     check_float("channel_masks", "u", u)
@@ -174,25 +248,33 @@ def channel_masks(
     device = check_same_device("channel_masks", u=u, offsets=offsets_t, divisors=divisors_t)
     chosen = resolve_backend(backend, device, "channel_masks")
     args = (float(temperature), HARD_MODES[hard_width])
+    cpp_checks = False
     if torch.compiler.is_compiling():
         # No data access inside a graph: the size comes from shapes when every divisor is 1.
         if divisors is not None:
             raise ValueError("channel_masks: under torch.compile, call with divisors=None (or outside the graph)")
         num_channels = u.shape[0]
     elif chosen == "cpu" and divisors is None:
-        # The common call, kept lean (the C++ work is microseconds): the C++ op checks the layout
-        # itself (num_channels = len(u)), so the Python check only runs to name a problem; and the
-        # autograd Function is entered directly, not through the dispatcher (s2h_kernels/_registration.py;
-        # that also lets torch.func.grad through: a Python Autograd kernel does not compose with it).
-        try:
-            return _channel_masks_cpp(u, offsets_t, divisors_t, *args, u.shape[0])
-        except RuntimeError:
-            _check_layout(u, offsets_t, divisors_t)
-            raise
+        num_channels, cpp_checks = u.shape[0], True  # the C++ op checks the layout itself
+    elif isinstance(offsets, torch.Tensor) and (divisors is None or isinstance(divisors, torch.Tensor)):
+        num_channels = _cached_num_channels(u, offsets_t, divisors_t)  # the default divisors are cached too
     else:
-        num_channels = _check_layout(u, offsets_t, divisors_t)
+        num_channels = _check_layout(u, offsets_t, divisors_t)  # from lists: new tensors every call
     op = _OPS["channel_masks_triton" if chosen == "triton" else "channel_masks"]
-    return op(u, offsets_t, divisors_t, *args, num_channels)
+    return op, (u, offsets_t, divisors_t, *args, num_channels), cpp_checks
+
+
+# Default divisors (all 1) of the lean CPU path, per group count; never written to.
+_CPU_ONES: dict[int, torch.Tensor] = {}
+
+
+def _cpu_ones(groups: int) -> torch.Tensor:
+    ones = _CPU_ONES.get(groups)
+    if ones is None:
+        if len(_CPU_ONES) >= 64:
+            _CPU_ONES.clear()
+        ones = _CPU_ONES[groups] = torch.ones(groups, dtype=torch.int64)
+    return ones
 
 
 @functools.lru_cache(maxsize=64)

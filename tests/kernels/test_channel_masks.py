@@ -33,18 +33,36 @@ def run_both(u, offsets, divisors, temperature, hard_width, backend):
 
 
 _LEVELS = ("scalar", "avx2", "avx512")
+# The CPU kernel's blocks are one vector (4, 8 or 16 floats): groups shorter than a block, of whole
+# blocks, of whole blocks and a partial one, and of many blocks.
+ISA_LAYOUTS = LAYOUTS + [([0, 16, 48, 63, 64, 600], [1, 1, 2, 1, 3])]
 
 
 @pytest.mark.parametrize("isa", [pytest.param(i, marks=pytest.mark.skipif(
     _LEVELS.index(i) > _LEVELS.index(_cpu_config.best_isa()), reason=f"CPU lacks {i}")) for i in _LEVELS])
-@pytest.mark.parametrize("offsets,divisors", LAYOUTS)
-def test_cpu_isa_levels_match_reference(cpu_env, isa, offsets, divisors):
-    """Every ISA level of the float CPU passes (S2H_CPU_ISA) against the reference, forward and backward."""
+@pytest.mark.parametrize("offsets,divisors", ISA_LAYOUTS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("hard_width", ["threshold", "expected"])
+def test_cpu_isa_levels_match_reference(cpu_env, isa, offsets, divisors, dtype, tol, hard_width):
+    """Every ISA level of the CPU kernels (S2H_CPU_ISA), forward and backward, against the fp64
+    reference of the same values (bfloat16 computes in fp32 and rounds once). The long groups'
+    gradients sum hundreds of terms, so their absolute tolerance scales with the largest one."""
     cpu_env(S2H_CPU_ISA=isa)
     assert _cpu_config.active_isa() == isa
-    u = make_u(offsets, torch.float32, torch.device("cpu"), seed=5)
-    (w, e, k), (wr, er, kr), gu, gr = run_both(u, offsets, divisors, 0.7, "threshold", "cpu")
-    torch.testing.assert_close((w, e, gu), (wr, er, gr), rtol=1e-5, atol=1e-6)
+    u = make_u(offsets, dtype, torch.device("cpu"), seed=5)
+    (w, e, k), _, gu, _ = run_both(u, offsets, divisors, 0.7, hard_width, "cpu")
+    # The fp64 oracle, with run_both's cotangents as u's dtype rounds them.
+    u64 = u.double().requires_grad_(True)
+    wr, er, kr = reference.channel_masks(u64, offsets, 0.7, divisors, hard_width)
+    g = torch.Generator().manual_seed(1)
+    gw = torch.randn(wr.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    ge = torch.randn(er.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    (gr,) = torch.autograd.grad((wr * gw).sum() + (er * ge).sum(), u64)
+    wr, er = wr.detach(), er.detach()
+    assert w.dtype == e.dtype == gu.dtype == dtype
+    torch.testing.assert_close((w.double(), e.double()), (wr, er), rtol=tol, atol=tol / 10)
+    scale = max(1.0, gr.abs().max().item())
+    torch.testing.assert_close(gu.double(), gr, rtol=4 * tol, atol=tol / 10 * scale)
     assert torch.equal(k, kr)
 
 
@@ -221,6 +239,33 @@ def test_torch_compile_inductor_cpu():
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         s2h_kernels.channel_masks(**kwargs)
+
+
+def test_layout_tensors_validated_once_then_on_change(monkeypatch):
+    """A layout given as tensors is read on the host (validated) on its first use, not on every call;
+    again after an in-place write to offsets or divisors, or for a u of another length."""
+    import importlib
+
+    module = importlib.import_module("s2h_kernels.channel_masks")
+    reads = []
+    check = module._check_layout
+    monkeypatch.setattr(module, "_check_layout", lambda *a: reads.append(1) or check(*a))
+    offsets, divisors = torch.tensor([0, 5, 12]), torch.tensor([1, 2])
+    u = make_u([0, 12], torch.float32, "cpu")
+    for _ in range(3):
+        w, e, k = s2h_kernels.channel_masks(u, offsets, 0.7, divisors)
+    assert len(reads) == 1 and w.shape == (19,)
+    divisors[1] = 3  # in place: read again, and the new channel count is used
+    w, e, k = s2h_kernels.channel_masks(u, offsets, 0.7, divisors)
+    wr, er, kr = reference.channel_masks(u, [0, 5, 12], 0.7, [1, 3])
+    assert len(reads) == 2
+    torch.testing.assert_close((w, e), (wr, er))
+    assert k.tolist() == kr.tolist()
+    with pytest.raises(ValueError, match="end at u's length 13"):
+        s2h_kernels.channel_masks(make_u([0, 13], torch.float32, "cpu"), offsets, 0.7, divisors)
+    offsets[2] = 5  # group 1 now empty
+    with pytest.raises(ValueError, match="group 1 is empty"):
+        s2h_kernels.channel_masks(u[:5], offsets, 0.7, divisors)
 
 
 def test_cpp_op_checks_layout_itself():
