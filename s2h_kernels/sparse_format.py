@@ -47,7 +47,7 @@ class SparseWeight:
             counts = (row_ptr[1:] - row_ptr[:-1]).long()
             row_order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
         self.row_order = row_order
-        self._sell = None  # (packed tensors, values' version, packing) of sell(), built on first use
+        self._sell = None  # (values, row_ptr, col_idx, row_order, values' version, packing) of sell()
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "SparseWeight":
@@ -111,13 +111,15 @@ class SparseWeight:
         ``[slice_ptr[s] + 16*j + lane]``, padded with zeros (column 0) to its longest row;
         ``rows[16*s + lane]`` is the output row of a lane, -1 past M.
         """
-        tensors = (self.values, self.row_ptr, self.col_idx, self.row_order)
-        # Inference tensors keep no version counter; they cannot be modified in place either.
-        version = -1 if self.values.is_inference() else self.values._version
-        cached = getattr(self, "_sell", None)  # (pickles made before the slot existed lack it)
-        if cached is None or cached[1] != version or any(a is not b for a, b in zip(cached[0], tensors)):
-            cached = self._sell = (tensors, version, pack_sell(self))
-        return cached[2]
+        # Per call on the batch-1 path: plain comparisons, no tuple or generator built.
+        v = self.values
+        c = getattr(self, "_sell", None)  # (pickles made before the slot existed lack it)
+        if (c is None or c[0] is not v or c[1] is not self.row_ptr or c[2] is not self.col_idx
+                or c[3] is not self.row_order or (c[4] >= 0 and c[4] != v._version)):
+            # Inference tensors keep no version counter (-1); they cannot be modified in place either.
+            version = -1 if v.is_inference() else v._version
+            c = self._sell = (v, self.row_ptr, self.col_idx, self.row_order, version, pack_sell(self))
+        return c[5]
 
     def to_dense(self) -> torch.Tensor:
         m, k = self.shape

@@ -14,8 +14,13 @@ Backends:
     dispatch AVX-512 / AVX2 / portable (csrc/cpu/cpu_isa.h; ``S2H_CPU_ISA=avx2|scalar`` forces a
     lower one).  N == 1 (a Linear layer at batch 1) in float32 runs ``s2h::spmv_sell`` on a
     SELL-16 packing (:meth:`SparseWeight.sell`, built once and cached): one gather and one FMA
-    per 16 nonzeros of 16 rows; float64 runs a gather dot product per row.  X rows that do not
-    start on a cache line are copied aligned once when each is reused enough.
+    per 16 nonzeros of 16 rows (on AMD CPUs, whose gather instructions are microcode, 16 loads
+    instead: ``S2H_SPMM_SELL_LOADS``); float64 runs a gather dot product per row.  X rows that do
+    not start on a cache line are copied aligned once when each is reused enough.
+
+Per call: CPU tensors in the weight's dtype without autograd take a fast path with the same
+checks (a batch-1 layer costs a few microseconds in all, so the Python around the op counts);
+everything else, and every error, goes through the general path.
   * CUDA tensors: Triton by default (s2h_kernels/_triton/spmm.py), CUDA C++ (csrc/cuda/spmm.cu,
     warp per row with the row swizzle) with ``backend="cuda"``.
 
@@ -52,11 +57,19 @@ def _fake(values, row_ptr, col_idx, row_order, x, bias, relu):
 
 
 def _spmv_sell_fake(values, cols, slice_ptr, rows, m, x, bias, relu):
+    # y in x's layout (csrc/cpu/spmv_sell.cpp): (K,) -> (m,), (1, K) with K > 1 -> (1, m), (K, 1) -> (m, 1).
+    if x.dim() == 1:
+        return x.new_empty((m,))
+    if x.shape[0] == 1 and x.shape[1] != 1:
+        return x.new_empty((1, m))
     return x.new_empty((m, 1))
 
 
 _OPS = register_op(("spmm", "spmm_triton"), fake=_fake)
 _OPS.update(register_op(("spmv_sell",), fake=_spmv_sell_fake))  # the CPU batch-1 path of spmm
+_SPMM, _SELL = _OPS["spmm"], _OPS["spmv_sell"]  # the op overloads (no autograd: register_op returns them)
+_F32, _F64 = torch.float32, torch.float64
+_grad_enabled, _compiling = torch.is_grad_enabled, torch.compiler.is_compiling
 
 
 # Checks shared with s2h_kernels.spmm_conv2d.
@@ -131,6 +144,28 @@ def spmm(sparse_weight: SparseWeight, x: torch.Tensor, bias: Optional[torch.Tens
     Returns:
         (M, N) in x's dtype.
     """
+    # Fast path: CPU tensors in the weight's dtype (float32 / float64), the default backend, no
+    # autograd, not traced: the slow path's checks in their cheapest form (the packed weight's own
+    # were made when it was packed: SparseWeight.__init__, sell()). Anything else, bad input
+    # included, takes the slow path below, which converts or raises.
+    if backend is None and isinstance(sparse_weight, SparseWeight) and isinstance(x, torch.Tensor):
+        values = sparse_weight.values
+        dtype = values.dtype
+        m, k = sparse_weight.shape
+        dim = x.dim()
+        if ((dim == 2 or dim == 1) and x.dtype is dtype and (dtype is _F32 or dtype is _F64) and x.is_cpu
+                and values.is_cpu and sparse_weight.row_ptr.is_cpu and sparse_weight.col_idx.is_cpu and x.shape[0] == k
+                and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype is dtype and bias.is_cpu
+                                      and bias.dim() == 1 and bias.shape[0] == m))
+                and not (_grad_enabled() and (x.requires_grad or values.requires_grad
+                                              or (bias is not None and bias.requires_grad)))
+                and not _compiling()):
+            if dtype is _F32 and (dim == 1 or x.shape[1] == 1):  # batch-1 Linear: SELL-16
+                return _SELL(*sparse_weight.sell(), m, x, bias, bool(relu))  # (K,) -> (m,), (K, 1) -> (m, 1)
+            if dim == 2:
+                return _SPMM(values, sparse_weight.row_ptr, sparse_weight.col_idx, None, x, bias, bool(relu))
+            return _SPMM(values, sparse_weight.row_ptr, sparse_weight.col_idx, None, x.unsqueeze(1), bias,
+                         bool(relu)).squeeze(1)
     op = "spmm"
     check_operands(op, sparse_weight, x)
     vector = x.dim() == 1

@@ -21,6 +21,8 @@ SpmmTuning from_environment() {
   t.l1 = env_int("S2H_SPMM_L1").value_or(t.l1);
   t.partials = env_int("S2H_SPMM_PARTIALS").value_or(t.partials);
   t.work = env_int("S2H_SPMM_WORK").value_or(t.work);
+  t.sell_work = env_int("S2H_SPMM_SELL_WORK").value_or(t.sell_work);
+  t.sell_loads = env_int("S2H_SPMM_SELL_LOADS").value_or(t.sell_loads);
   t.chunks = env_int("S2H_SPMM_CHUNKS").value_or(t.chunks);
   t.align = env_int("S2H_SPMM_ALIGN").value_or(t.align);
   t.tail_dot = env_int("S2H_SPMM_TAIL_DOT").value_or(t.tail_dot);

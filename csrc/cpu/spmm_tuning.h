@@ -17,6 +17,8 @@ struct SpmmTuning {
   int64_t partials = 64 * 1024;   // S2H_SPMM_PARTIALS: largest partial sums of a thread's rows (matmul panels)
   std::optional<int64_t> pmin;    // S2H_SPMM_PMIN: nonzeros per row and panel that pay a panel (6 conv, 12 matmul)
   int64_t work = 1 << 14;         // S2H_SPMM_WORK: work per thread before going parallel
+  int64_t sell_work = 1 << 14;    // S2H_SPMM_SELL_WORK: packed entries per thread before spmv_sell goes parallel
+  int64_t sell_loads = -1;        // S2H_SPMM_SELL_LOADS: spmv_sell loads x lane by lane (1) or gathers (0); -1: on AMD
   int64_t chunks = 4;             // S2H_SPMM_CHUNKS: chunks per thread of the dynamic split
   int64_t align = 16;             // S2H_SPMM_ALIGN: reuse (nnz / K) that pays the aligned copy of X
   int64_t tail_dot = 2;           // S2H_SPMM_TAIL_DOT: tail columns (N % 16) the dot kernel takes

@@ -21,6 +21,8 @@ _spmm_op = torch.ops.s2h.spmm.default
 _conv_op = torch.ops.s2h.spmm_conv2d.default
 _sell_op = torch.ops.s2h.spmv_sell.default
 _HALF = (torch.bfloat16, torch.float16)
+_F32 = torch.float32
+_grad_enabled, _is_tracing, _is_compiling = torch.is_grad_enabled, torch.jit.is_tracing, torch.compiler.is_compiling
 _FAST_DTYPES = (torch.float32, torch.float64, *_HALF)
 
 ONNX_MESSAGE = (
@@ -47,6 +49,8 @@ def weight_sparsity(weight: torch.Tensor) -> float:
 class _SparseBase(nn.Module):
     """Holds a SparseWeight as buffers (so .to(), state_dict and deepcopy work)."""
 
+    _batch1_sell = False  # SparseLinear: float32 batch 1 runs the SELL-16 kernel (_op_args)
+
     def _set_weight(self, sw: SparseWeight, bias: Optional[torch.Tensor]) -> None:
         self.register_buffer("values", sw.values)
         self.register_buffer("row_ptr", sw.row_ptr)
@@ -68,18 +72,25 @@ class _SparseBase(nn.Module):
     # through nn.Module.__getattr__ costs about a microsecond each); anything that replaces the
     # buffers (.to(), load_state_dict, assignment) drops the cache.
     def _op_args(self):
-        """(values, row_ptr, col_idx, bias, dtype): the kernel operands and the input dtype they serve
-        (None: no fast path).  bfloat16 / float16 layers keep float32 copies here: the kernels compute
-        in float32 and the layer casts the result back to the input's dtype."""
+        """(values, row_ptr, col_idx, bias, dtype, sw, row_shape): the kernel operands and the input
+        dtype they serve (None: no fast path); for float32 CPU layers the SparseWeight whose SELL-16
+        packing (``sw.sell()``: cached, rebuilt when the values change in place) runs batch 1 (else
+        None), and the input shape (1, in_features) that SparseLinear passes to that kernel as it is
+        (it returns (1, out_features); None: no such path, e.g. in_features == 1).  bfloat16 /
+        float16 layers keep float32 copies here: the kernels compute in float32 and the layer casts
+        the result back to the input's dtype."""
         cache = self.__dict__.get("_op_cache")
         if cache is None or torch.compiler.is_compiling():
             # Never cache while torch.export / torch.compile trace: the buffers are fake tensors then.
             v, b = self.values, self.bias
             ok = v.device.type == "cpu" and v.dtype in _FAST_DTYPES and (b is None or b.dtype == v.dtype)
             if ok and v.dtype in _HALF:
-                cache = (v.float(), self.row_ptr, self.col_idx, None if b is None else b.float(), v.dtype)
+                cache = (v.float(), self.row_ptr, self.col_idx, None if b is None else b.float(), v.dtype, None, None)
             else:
-                cache = (v, self.row_ptr, self.col_idx, b, v.dtype if ok else None)
+                fp32 = self._batch1_sell and ok and v.dtype is torch.float32 and not torch.compiler.is_compiling()
+                sw = self.sparse_weight if fp32 else None
+                cache = (v, self.row_ptr, self.col_idx, b, v.dtype if ok else None, sw,
+                         (1, self._shape[1]) if sw is not None and self._shape[1] != 1 else None)
             if not torch.compiler.is_compiling():
                 self.__dict__["_op_cache"] = cache
         return cache
@@ -108,6 +119,8 @@ class _SparseBase(nn.Module):
 class SparseLinear(_SparseBase):
     """``y = x @ W.T + b`` (optionally ReLU) with W stored sparse.  x: (..., in_features)."""
 
+    _batch1_sell = True
+
     def __init__(self, sparse_weight: SparseWeight, bias: Optional[torch.Tensor] = None, relu: bool = False):
         super().__init__()
         self.out_features, self.in_features = sparse_weight.shape
@@ -121,17 +134,24 @@ class SparseLinear(_SparseBase):
         return cls(SparseWeight.from_dense(linear.weight.detach()), linear.bias, relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"SparseLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        cache = self.__dict__.get("_op_cache")
+        # Batch 1 in float32 (a classifier): the SELL-16 kernel takes the (1, K) input as it is and
+        # returns (1, out_features); a few checks (the op costs microseconds, and so did the views).
+        if (cache is not None and x.dtype is _F32 and x.shape == cache[6] and x.is_cpu
+                and not (x.requires_grad and _grad_enabled()) and not _is_tracing() and not _is_compiling()):
+            return _sell_op(*cache[5].sell(), self.out_features, x, cache[3], self.relu)
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input has {shape[-1]} features, expected {self.in_features}")
         self._no_onnx()
-        lead = x.shape[:-1]
+        values, row_ptr, col_idx, bias, dtype, sw, _ = self._op_args()
+        lead = shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        values, row_ptr, col_idx, bias, dtype = self._op_args()
         if x2.dtype is dtype and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
             if dtype in _HALF:
                 y = _spmm_op(values, row_ptr, col_idx, None, x2.t().float(), bias, self.relu).to(dtype)
-            elif sell_applies(x2.shape[0], dtype):  # batch 1: the SELL-16 kernel
-                y = _sell_op(*self.sparse_weight.sell(), self.out_features, x2.t(), bias, self.relu)
+            elif sw is not None and sell_applies(x2.shape[0], dtype):  # batch 1: the SELL-16 kernel
+                y = _sell_op(*sw.sell(), self.out_features, x2.t(), bias, self.relu)
             else:
                 y = _spmm_op(values, row_ptr, col_idx, None, x2.t(), bias, self.relu)
         else:
@@ -193,7 +213,7 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._no_onnx()
-        values, row_ptr, col_idx, bias, dtype = self._op_args()
+        values, row_ptr, col_idx, bias, dtype = self._op_args()[:5]
         if (x.dtype is dtype and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == self.in_channels
                 and not (x.requires_grad and torch.is_grad_enabled())):
             half = dtype in _HALF

@@ -318,8 +318,9 @@ SELL = [
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,sparsity", SELL)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_spmv_sell_matches_dense(cpu_env, isa, m, k, sparsity, threads):
-    cpu_env(S2H_CPU_ISA=isa)
+@pytest.mark.parametrize("loads", ["0", "1"])  # x by gather instructions / by lane loads
+def test_spmv_sell_matches_dense(cpu_env, isa, m, k, sparsity, threads, loads):
+    cpu_env(S2H_CPU_ISA=isa, S2H_SPMM_SELL_LOADS=loads)
     with num_threads(threads):
         w = sparse_matrix(m, k, sparsity, seed=m + k, empty_rows=(0,) if m > 2 else ())
         sw, x, bias = SparseWeight.from_dense(w), randn(k, 1, seed=k), randn(m, seed=5)
@@ -333,6 +334,60 @@ def test_spmv_sell_many_threads_balanced():
     # Enough packed entries for the slice ranges of several threads (2^14 per thread).
     with num_threads(2):
         assert_matches_dense("cpu", torch.device("cpu"), sparse_matrix(700, 400, 0.8, seed=3), randn(400, 1, seed=3)[::1], randn(700))
+
+
+@pytest.mark.parametrize("layout", ["(K,)", "(K, 1)", "(1, K)", "strided (K, 1)", "strided (1, K)"])
+def test_spmv_sell_output_follows_x_layout(layout):
+    # y in x's layout, with no reshape by the caller: (K,) -> (M,), (K, 1) -> (M, 1), (1, K) -> (1, M);
+    # x whose values are not one apart is copied first.
+    m, k = 37, 50
+    sw = SparseWeight.from_dense(sparse_matrix(m, k, 0.7, seed=4))
+    col, bias = randn(k, 1, seed=2), randn(m, seed=6)
+    strided = randn(k, 3, seed=2)[:, 1:2]  # values 3 apart
+    x = {"(K,)": col[:, 0], "(K, 1)": col, "(1, K)": col.t().contiguous(),
+         "strided (K, 1)": strided, "strided (1, K)": strided.t()}[layout]
+    if layout.startswith("strided"):
+        col = strided
+    y = torch.ops.s2h.spmv_sell(*sw.sell(), m, x, bias, True)
+    shape = {1: (m,), 2: (1, m) if x.shape[0] == 1 else (m, 1)}[x.dim()]
+    assert y.shape == shape and y.is_contiguous()
+    torch.testing.assert_close(y.reshape(m, 1), reference.spmm(sw, col, bias, relu=True), rtol=1e-5, atol=1e-5)
+    # The fake kernel agrees (torch.compile / export).
+    torch.library.opcheck(torch.ops.s2h.spmv_sell.default, (*sw.sell(), m, x, bias, True))
+
+
+def test_spmv_sell_single_column_weight():
+    # K == 1: a (1, 1) x is a column, y is (M, 1).
+    sw = SparseWeight.from_dense(sparse_matrix(20, 1, 0.5, seed=1))
+    x = randn(1, 1)
+    y = torch.ops.s2h.spmv_sell(*sw.sell(), 20, x, None, False)
+    assert y.shape == (20, 1)
+    torch.testing.assert_close(y, reference.spmm(sw, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", [i for i in ISAS if i.values[0] != "scalar"])
+def test_spmv_sell_loads_equal_gathers(cpu_env, isa):
+    # x by lane loads (S2H_SPMM_SELL_LOADS=1, the default on AMD) and by gather instructions: the
+    # same products in the same order, so the same bits.
+    w = sparse_matrix(300, 200, 0.9, seed=9, empty_rows=(0, 7))
+    sw, x, bias = SparseWeight.from_dense(w), randn(200, 1, seed=2), randn(300, seed=3)
+    out = []
+    for loads in ("0", "1"):
+        cpu_env(S2H_CPU_ISA=isa, S2H_SPMM_SELL_LOADS=loads)
+        out.append(torch.ops.s2h.spmv_sell(*sw.sell(), 300, x, bias, True))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("work", ["1", "256", "default"])
+def test_spmv_sell_parallel_threshold(cpu_env, threads, work):
+    # S2H_SPMM_SELL_WORK: packed entries per thread before the batch-1 kernel splits the slices.
+    if work != "default":
+        cpu_env(S2H_SPMM_SELL_WORK=work)
+    with num_threads(threads):
+        for m, k, sp in [(1000, 512, 0.98), (50, 64, 0.5), (17, 9, 0.9)]:
+            w = sparse_matrix(m, k, sp, seed=m)
+            assert_matches_dense("cpu", torch.device("cpu"), w, randn(k, 1, seed=k), randn(m, seed=2), relu=True)
 
 
 def test_sell_packing_follows_the_weight():
@@ -396,8 +451,10 @@ def test_spmv_sell_rejects_bad_input():
         torch.ops.s2h.spmv_sell(values, cols, slice_ptr, torch.where(rows == 3, 25, rows), 20, x, None, False)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.s2h.spmv_sell(values.double(), cols, slice_ptr, rows, 20, x.double(), None, False)
-    with pytest.raises(RuntimeError, match=r"\(K,\) or \(K, 1\)"):
+    with pytest.raises(RuntimeError, match=r"one column, \(K,\), \(K, 1\) or \(1, K\)"):
         torch.ops.s2h.spmv_sell(values, cols, slice_ptr, rows, 20, randn(30, 2), None, False)
+    with pytest.raises(RuntimeError, match=r"one column"):
+        torch.ops.s2h.spmv_sell(values, cols, slice_ptr, rows, 20, randn(1, 30, 1), None, False)
     with pytest.raises(RuntimeError, match="slice_ptr"):
         torch.ops.s2h.spmv_sell(values, cols, slice_ptr + 1, rows, 20, x, None, False)
     ragged = slice_ptr.clone()
