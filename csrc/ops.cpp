@@ -27,7 +27,7 @@ TORCH_LIBRARY(s2h, m) {
   m.def("spmm(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? row_order, Tensor x, Tensor? bias, bool relu)"
         " -> Tensor");
   // W @ x for one column x (a Linear layer at batch 1), W in the SELL-16 packing of
-  // SparseWeight.sell(): y (m, 1).  CPU only.
+  // SparseWeight.sell(): y in the layout of x ((K,) -> (m,), (1, K) -> (1, m), (K, 1) -> (m, 1)).  CPU only.
   m.def("spmv_sell(Tensor values, Tensor cols, Tensor slice_ptr, Tensor rows, int m, Tensor x, Tensor? bias,"
         " bool relu) -> Tensor");
   // Direct sparse conv2d; W is the (M, C/groups*kh*kw) matrix in F.unfold column order.
