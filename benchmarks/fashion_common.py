@@ -231,10 +231,18 @@ def run_parallel(fn: Callable, jobs: list, workers: int, threads: int = 1) -> li
         _init_worker(threads)
         return [fn(j) for j in jobs]
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,),
-                                      maxtasksperchild=1) as pool:
-        return pool.map(fn, jobs, chunksize=1)
+    # Not multiprocessing.Pool: its map waits forever for the task of a worker that died (a segfault,
+    # the OOM killer); the executor raises instead, and the finished runs are on disk.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,), max_tasks_per_child=1) as pool:
+        try:
+            return list(pool.map(fn, jobs))
+        except BrokenProcessPool as e:
+            raise RuntimeError("a worker process died (killed, or crashed: see dmesg); the finished runs are "
+                               "kept, run the same command again to resume") from e
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """The Fashion-MNIST studies end to end on a tiny subset (the pipeline, not the accuracy)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,3 +101,15 @@ def test_budget_curve_smoke(tmp_path):
     fs.main(args)
     again = {r["key"]: r["wall_s"] for r in (json.loads(p.read_text()) for p in (tmp_path / "work").glob("*.json"))}
     assert again == {k: r["wall_s"] for k, r in rows.items()}
+
+
+def _square_or_die(x: int) -> int:
+    if x == 3:
+        os._exit(139)  # what a segfaulting worker looks like to the parent
+    return x * x
+
+
+def test_run_parallel_raises_when_a_worker_dies():
+    assert fc.run_parallel(_square_or_die, [1, 2, 4], workers=2) == [1, 4, 16]
+    with pytest.raises(RuntimeError, match="worker process died"):
+        fc.run_parallel(_square_or_die, [1, 3, 2, 4], workers=2)
