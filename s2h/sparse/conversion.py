@@ -35,7 +35,10 @@ to its first forward call (:class:`AutoSparse`); there is no whole-model guard t
 For an ``eval()`` model that torch.fx can trace, BatchNorm is folded into the preceding conv first
 and a ReLU after a sparse layer runs in its epilogue (``fuse=True``); ``nn.MaxPool2d`` runs on
 oneDNN (:class:`FastMaxPool2d`, ``fast_pool=True``): both give the same results and are what a
-CPU deployment wants; both can be turned off.
+CPU deployment wants; both can be turned off.  With ``example_inputs`` (and ``calibrate``) each
+max-pool is timed against its oneDNN form at its real input shape and swapped only where that is
+faster: oneDNN's pool wins on a ResNet stem but loses on small feature maps at batch 1, where its
+layout conversions cost more than the pooling.
 
 Inference only: sparse layers have no backward.  ``sparsify`` returns a copy of the model (unless
 ``inplace=True``) with every parameter frozen (``requires_grad=False``), so running it without
@@ -54,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import AutoSparse, CalibrationCache, Timer, decide_layer, fastest_model
+from .calibration import AutoSparse, CalibrationCache, Timer, decide_layer, fastest_model, paired_ratio
 from .export import check_input_dtype
 from .modules import FastMaxPool2d, SparseConv2d, SparseLinear, weight_sparsity
 
@@ -175,20 +178,44 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dense_rewrites(model: nn.Module, fuse: bool, fast_pool: bool, exclude: Sequence[str]) -> tuple[nn.Module, bool]:
-    """BatchNorm folding and oneDNN max-pool (no sparse layer yet); True when anything changed."""
+def _dense_rewrites(model: nn.Module, fuse: bool, fast_pool: bool, exclude: Sequence[str], example_inputs,
+                    cfg: dict) -> tuple[nn.Module, bool]:
+    """BatchNorm folding and oneDNN max-pool (no sparse layer yet; the pools timed at the shapes of
+    ``example_inputs`` when given); True when anything changed."""
     changed = False
     if fuse:
         folded = _fold_batchnorm(model)
         changed = folded is not model
         model = folded
     if fast_pool:
-        for name, mod in list(model.named_modules()):
-            if type(mod) is nn.MaxPool2d and not mod.return_indices and name not in exclude:
-                _set_module(model, name, FastMaxPool2d.from_module(mod))
-                log.info("%s: MaxPool2d -> FastMaxPool2d (oneDNN)", name)
+        pools = [name for name, mod in model.named_modules()
+                 if type(mod) is nn.MaxPool2d and not mod.return_indices and name not in exclude]
+        shapes = _input_shapes(model, pools, example_inputs) if example_inputs is not None else {}
+        for name in pools:
+            if _swap_pool(model, name, shapes.get(name), cfg):
                 changed = True
     return model, changed
+
+
+def _swap_pool(model: nn.Module, name: str, in_shape: Optional[tuple], cfg: dict) -> bool:
+    """Swaps max-pool ``name`` for its oneDNN form unless timing at ``in_shape`` (when known) says it is
+    slower; True when swapped."""
+    pool = model.get_submodule(name)
+    fast = FastMaxPool2d.from_module(pool)
+    if in_shape is not None:
+        x = torch.randn(in_shape)
+        tp, (tf,), (ratio,) = paired_ratio(pool, [fast], (x,), cfg["reps"], cfg["timer"])
+        use = ratio >= 1.0
+        log.info("%s: MaxPool2d input %s: torch %.3f ms, oneDNN %.3f ms, paired median %.2fx -> %s", name,
+                 tuple(in_shape), tp * 1e3, tf * 1e3, ratio, "oneDNN" if use else "torch")
+        if cfg["report"] is not None:
+            cfg["report"].append(dict(name=name, kind="MaxPool2d", input_shape=tuple(in_shape), torch_ms=tp * 1e3,
+                                      onednn_ms=tf * 1e3, speedup=ratio, choice="oneDNN" if use else "torch"))
+        if not use:
+            return False
+    _set_module(model, name, fast)
+    log.info("%s: MaxPool2d -> FastMaxPool2d (oneDNN)", name)
+    return True
 
 
 def _convert_layers(model: nn.Module, candidates, shapes: dict, example_inputs, calibrate: bool, cfg: dict) -> int:
@@ -265,7 +292,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, example_inputs=None, c
         inplace: modify ``model`` instead of a deep copy.
         report: a list that receives one dict per candidate layer (name, shapes, timings, speedup,
             choice) and one for the guard (name ``"<model>"``).
-        fast_pool: replace ``nn.MaxPool2d`` by :class:`FastMaxPool2d` (oneDNN, same result).
+        fast_pool: replace ``nn.MaxPool2d`` by :class:`FastMaxPool2d` (oneDNN, same result); with
+            ``example_inputs`` only the pools that are faster so at their input shape.
         fuse: fold BatchNorm and fuse ReLUs into sparse layers (``eval()`` models torch.fx can
             trace; the result is then a ``torch.fx.GraphModule`` with the same submodule names).
         cache: a :class:`CalibrationCache` to reuse layer timings from (and add to).
@@ -291,12 +319,12 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, example_inputs=None, c
     model = model if inplace else copy.deepcopy(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    model, rewritten = _dense_rewrites(model, fuse, fast_pool, exclude)
+    cfg = dict(reps=reps, min_speedup=min_speedup, report=report, cache=cache, timer=timer)
+    model, rewritten = _dense_rewrites(model, fuse, fast_pool, exclude, example_inputs if calibrate else None, cfg)
     dense_rewritten = copy.deepcopy(model) if guarding and rewritten else None
     candidates = _candidates(model, min_sparsity, exclude, report)
     shapes = _input_shapes(model, [n for n, _, _ in candidates], example_inputs) if (
         calibrate and example_inputs is not None) else {}
-    cfg = dict(reps=reps, min_speedup=min_speedup, report=report, cache=cache, timer=timer)
     n_sparse = _convert_layers(model, candidates, shapes, example_inputs, calibrate, cfg)
     if fuse:
         n = _fuse_relu(model)

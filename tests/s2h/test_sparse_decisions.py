@@ -183,3 +183,37 @@ def test_wall_timer_times_one_call():
     conv = nn.Conv2d(2, 2, 1)
     t = wall_timer(lambda x: calls.append(x) or conv(x), (torch.randn(1, 2, 3, 3),))
     assert t >= 0 and len(calls) == 1
+
+
+class PoolTimer:
+    """seconds = a fixed cost per pool kind: torch's max-pool ``torch_cost``, oneDNN's ``onednn_cost``."""
+
+    def __init__(self, torch_cost: float, onednn_cost: float):
+        self.costs = (torch_cost, onednn_cost)
+
+    def __call__(self, module, args):
+        from s2h.sparse import FastMaxPool2d
+
+        module(*args)
+        return sum(self.costs[1] if isinstance(m, FastMaxPool2d) else self.costs[0] if isinstance(m, nn.MaxPool2d)
+                   else 0.0 for m in module.modules()) or 1.0
+
+
+@pytest.mark.parametrize("torch_cost, onednn_cost, swapped", [(1.0, 0.5, True), (1.0, 2.0, False)])
+def test_max_pool_goes_to_onednn_only_where_timed_faster(torch_cost, onednn_cost, swapped):
+    from s2h.sparse import FastMaxPool2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    report = []
+    out = sparsify(model, example_inputs=x, timer=PoolTimer(torch_cost, onednn_cost), report=report, guard=False,
+                   fuse=False)
+    assert isinstance(out[2], FastMaxPool2d) == swapped
+    entry = next(r for r in report if r["kind"] == "MaxPool2d")
+    assert entry["input_shape"] == (2, 8, 16, 16) and entry["speedup"] == pytest.approx(torch_cost / onednn_cost)
+    with torch.no_grad():
+        want = F.max_pool2d(F.relu(F.conv2d(x, model[0].weight, model[0].bias, padding=1)), 3, 2, 1)
+        torch.testing.assert_close(out(x), want)
+    # Without example inputs nothing is timed: the pool goes to oneDNN (the documented default).
+    assert isinstance(sparsify(model, fuse=False, guard=False)[2], FastMaxPool2d)
