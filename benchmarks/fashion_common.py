@@ -141,8 +141,9 @@ def params(net: nn.Module) -> int:
 @torch.no_grad()
 def interleaved_latency_ms(nets: list[nn.Module], batch: int, rounds: int, threads: int = 1,
                            shape=(1, 28, 28)) -> list[float]:
-    """Median wall time (ms) of one eval forward of each net at ``batch`` on ``threads`` threads.
-    Each round calls every net once, so load swings of a shared machine fall on all of them alike."""
+    """Wall time (ms) of one eval forward of each net at ``batch`` on ``threads`` threads: the minimum
+    over ``rounds`` (the README's one rule). Each round calls every net once, in an order rotated per
+    round, so load swings of a shared machine fall on all of them alike."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -152,12 +153,13 @@ def interleaved_latency_ms(nets: list[nn.Module], batch: int, rounds: int, threa
             for _ in range(3):
                 net(x)
         times: list[list[float]] = [[] for _ in nets]
-        for _ in range(rounds):
-            for i, net in enumerate(nets):
+        for r in range(rounds):
+            order = list(range(len(nets)))
+            for i in order[r % len(nets):] + order[:r % len(nets)]:
                 t = time.perf_counter()
-                net(x)
+                nets[i](x)
                 times[i].append(time.perf_counter() - t)
-        return [1e3 * statistics.median(t) for t in times]
+        return [1e3 * min(t) for t in times]
     finally:
         torch.set_num_threads(old)
 

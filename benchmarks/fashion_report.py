@@ -186,7 +186,7 @@ def write_structured_report(study, results: list[dict], stem: Path, wall_s: floa
         "weights for E epochs: the gap between the two rows is what soft-to-hard training adds to the "
         "architecture search.",
         "- Top-1 of the exported model in eval mode; MACs by `torch.utils.flop_counter.FlopCounterMode` "
-        "(FLOPs / 2) on the exported model; latency: median over 25 (batch 1) / 8 (batch 64) eval "
+        "(FLOPs / 2) on the exported model; latency: minimum over 25 (batch 1) / 8 (batch 64) eval "
         "forwards after warm-up, 1 thread, after all training finished, every model timed once per round "
         "in interleaved rounds. Wall time and CPU time (the run's process time; each run uses 1 thread): "
         "each run's own, Torch-Pruning's including its dense pre-training. Wall time depends on what "

@@ -292,7 +292,7 @@ def curve_plan(study: Study, budgets: list[int]) -> list[list[Job]]:
 
 def measure_latency(study: Study, results: list[dict], rounds: int = 25) -> None:
     """Latency of every exported model after training, 1 thread, in this process: the models are timed
-    in interleaved rounds (one call each per round) and each gets its median, so a busy moment of the
+    in interleaved rounds (one call each per round) and each gets its minimum, so a busy moment of the
     machine falls on all of them alike."""
     store = fc.ResultStore(study.work)
     todo = list(results)  # all of them, every time: latencies are only comparable within one pass
