@@ -210,17 +210,23 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
 
 
+def ort_session_options(ort, threads: int):
+    """onnxruntime's options for every measurement here: ``threads`` intra-op threads, full graph
+    optimisation, no spinning workers (they would steal the cores from the other runtimes in this
+    process)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def ort_runner(path: str, threads: int):
     try:
         import onnxruntime as ort
     except ImportError as e:
         return None, f"onnxruntime not installed ({e})"
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No spinning workers: they would steal the cores from the other runtimes in this process.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, ort_session_options(ort, threads), providers=["CPUExecutionProvider"])
     return (lambda x: sess.run(None, {"x": x.numpy()})[0]), f"onnxruntime {ort.__version__}"
 
 

@@ -161,10 +161,7 @@ def ort_node_times(onnx_path: str, x: torch.Tensor, threads: int, rounds: int) -
         import onnxruntime as ort
     except ImportError as e:
         return None, f"onnxruntime not installed ({e})"
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = ss.ort_session_options(ort, threads)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"s2h_ort_prof_{os.getpid()}")
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
