@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
+#include <tuple>
 
 namespace s2h {
 namespace kl {
@@ -31,6 +33,21 @@ inline void check_temperature(const char* op, double t) {
 
 // Losses accumulate in float (fp32/fp16/bf16 inputs) or double.
 inline at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The scalar arguments of ca_kld: temperature, gamma (None: the teacher's mean top-1) and eps.
+inline void check_ca_kld_scalars(const char* op, double temperature, std::optional<double> gamma, double eps) {
+  check_temperature(op, temperature);
+  TORCH_CHECK(!gamma.has_value() || (*gamma >= 0.0 && *gamma <= 1.0), op, ": gamma must lie in [0, 1], got ",
+              gamma.value_or(0.0));
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+}
+
+// ca_kld's outputs for contiguous student logits zs (B, C): the per-row loss and gamma in the
+// accumulation dtype, the student gradient in zs's dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_outputs(const at::Tensor& zs) {
+  const auto acc = zs.options().dtype(acc_type(zs.scalar_type()));
+  return {zs.new_empty({zs.size(0)}, acc), zs.new_empty(zs.sizes()), zs.new_empty({}, acc)};
+}
 
 }  // namespace kl
 }  // namespace s2h

@@ -450,6 +450,8 @@ void check_pair(const char* op, const char* n1, const at::Tensor& x, const char*
 
 using k::acc_type;
 using k::check_temperature;
+using k::ca_kld_outputs;
+using k::check_ca_kld_scalars;
 
 // ---- ops -----------------------------------------------------------------------------------
 
@@ -484,16 +486,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cpu(const at::Tensor& stud
                                                          bool standardize, double eps, double grad_scale) {
   constexpr const char* op = "s2h::ca_kld";
   check_pair(op, "student", student, "teacher", teacher);
-  check_temperature(op, temperature);
-  TORCH_CHECK(!gamma.has_value() || (*gamma >= 0.0 && *gamma <= 1.0), op, ": gamma must lie in [0, 1], got ",
-              gamma.value_or(0.0));
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+  check_ca_kld_scalars(op, temperature, gamma, eps);
   const at::Tensor zs = student.contiguous(), zt = teacher.contiguous();
   const int64_t B = zs.size(0), C = zs.size(1);
-  const auto acc = acc_type(zs.scalar_type());
-  at::Tensor loss = at::empty({B}, zs.options().dtype(acc));
-  at::Tensor g = at::empty({B, C}, zs.options());
-  at::Tensor gamma_out = at::empty({}, zs.options().dtype(acc));
+  at::Tensor loss, g, gamma_out;
+  std::tie(loss, g, gamma_out) = ca_kld_outputs(zs);
   const Isa isa = s2h::cpu::active_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "s2h::ca_kld", [&] {
     using T = scalar_t;
@@ -583,10 +580,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_block_model(const at::Tens
   check_model_threads(threads);
   const at::Tensor zs = student.contiguous(), zt = teacher.contiguous();
   const int64_t B = zs.size(0), C = zs.size(1);
-  const auto acc = acc_type(zs.scalar_type());
-  at::Tensor loss = at::empty({B}, zs.options().dtype(acc));
-  at::Tensor g = at::empty({B, C}, zs.options());
-  at::Tensor gamma_out = at::empty({}, zs.options().dtype(acc));
+  at::Tensor loss, g, gamma_out;
+  std::tie(loss, g, gamma_out) = ca_kld_outputs(zs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "ca_kld_block_model", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;

@@ -150,6 +150,8 @@ void check_pair(const char* op, const char* n1, const at::Tensor& x, const char*
 
 using k::acc_type;
 using k::check_temperature;
+using k::ca_kld_outputs;
+using k::check_ca_kld_scalars;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_gap_cuda(const at::Tensor& soft, const at::Tensor& hard,
                                                           double temperature, double grad_scale) {
@@ -182,17 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cuda(const at::Tensor& stu
                                                           bool standardize, double eps, double grad_scale) {
   constexpr const char* op = "s2h::ca_kld";
   check_pair(op, "student", student, "teacher", teacher);
-  check_temperature(op, temperature);
-  TORCH_CHECK(!gamma.has_value() || (*gamma >= 0.0 && *gamma <= 1.0), op, ": gamma must lie in [0, 1], got ",
-              gamma.value_or(0.0));
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+  check_ca_kld_scalars(op, temperature, gamma, eps);
   c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor zs = student.contiguous(), zt = teacher.contiguous();
   const int64_t B = zs.size(0), C = zs.size(1);
-  const auto acc = acc_type(zs.scalar_type());
-  at::Tensor loss = at::empty({B}, zs.options().dtype(acc));
-  at::Tensor g = at::empty({B, C}, zs.options());
-  at::Tensor gamma_out = at::empty({}, zs.options().dtype(acc));
+  at::Tensor loss, g, gamma_out;
+  std::tie(loss, g, gamma_out) = ca_kld_outputs(zs);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zs.scalar_type(), "s2h::ca_kld", [&] {
     using T = scalar_t;
@@ -203,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_kld_cuda(const at::Tensor& stu
         fill_kernel<A><<<1, 1, 0, stream>>>(gamma_out.mutable_data_ptr<A>(), A(*gamma));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {  // the teacher's mean top-1 probability (raw logits, T = 1) over the batch
-        at::Tensor top1 = at::empty({B}, zs.options().dtype(acc));
+        at::Tensor top1 = at::empty({B}, loss.options());
         top1_kernel<T, A, kThreads><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
             zt.const_data_ptr<T>(), C, top1.mutable_data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
