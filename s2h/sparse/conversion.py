@@ -178,23 +178,10 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _dense_rewrites(model: nn.Module, fuse: bool, fast_pool: bool, exclude: Sequence[str], example_inputs,
-                    cfg: dict) -> tuple[nn.Module, bool]:
-    """BatchNorm folding and oneDNN max-pool (no sparse layer yet; the pools timed at the shapes of
-    ``example_inputs`` when given); True when anything changed."""
-    changed = False
-    if fuse:
-        folded = _fold_batchnorm(model)
-        changed = folded is not model
-        model = folded
-    if fast_pool:
-        pools = [name for name, mod in model.named_modules()
-                 if type(mod) is nn.MaxPool2d and not mod.return_indices and name not in exclude]
-        shapes = _input_shapes(model, pools, example_inputs) if example_inputs is not None else {}
-        for name in pools:
-            if _swap_pool(model, name, shapes.get(name), cfg):
-                changed = True
-    return model, changed
+def _max_pools(model: nn.Module, exclude: Sequence[str]) -> list[str]:
+    """Names of the ``nn.MaxPool2d`` layers oneDNN can run."""
+    return [name for name, mod in model.named_modules()
+            if type(mod) is nn.MaxPool2d and not mod.return_indices and name not in exclude]
 
 
 def _swap_pool(model: nn.Module, name: str, in_shape: Optional[tuple], cfg: dict) -> bool:
@@ -320,11 +307,16 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, example_inputs=None, c
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = dict(reps=reps, min_speedup=min_speedup, report=report, cache=cache, timer=timer)
-    model, rewritten = _dense_rewrites(model, fuse, fast_pool, exclude, example_inputs if calibrate else None, cfg)
-    dense_rewritten = copy.deepcopy(model) if guarding and rewritten else None
+    folded = _fold_batchnorm(model) if fuse else model
+    model, rewritten = folded, folded is not model
     candidates = _candidates(model, min_sparsity, exclude, report)
-    shapes = _input_shapes(model, [n for n, _, _ in candidates], example_inputs) if (
+    pools = _max_pools(model, exclude) if fast_pool else []
+    # One forward records the input shape of every pool and candidate (swapping a pool changes none).
+    shapes = _input_shapes(model, pools + [n for n, _, _ in candidates], example_inputs) if (
         calibrate and example_inputs is not None) else {}
+    for name in pools:  # the dense rewrites end with the max-pools timed where shapes are known
+        rewritten = _swap_pool(model, name, shapes.get(name), cfg) or rewritten
+    dense_rewritten = copy.deepcopy(model) if guarding and rewritten else None
     n_sparse = _convert_layers(model, candidates, shapes, example_inputs, calibrate, cfg)
     if fuse:
         n = _fuse_relu(model)
