@@ -219,6 +219,7 @@ def write_curve_report(study, budgets: list[int], results: list[dict], stem: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from fashion_structured import CURVE_METHODS
 
     by_key = {r["key"]: r for r in results}
     groups: dict = defaultdict(list)
@@ -235,7 +236,7 @@ def write_curve_report(study, budgets: list[int], results: list[dict], stem: Pat
     fig, axes = plt.subplots(1, len(study.targets), figsize=(6 * len(study.targets), 4.5), squeeze=False)
     for ti, target in enumerate(study.targets):
         ax = axes[0][ti]
-        for method in ("dense", *CURVE_METHODS_ORDER):
+        for method in ("dense", *CURVE_METHODS):
             t = 1.0 if method == "dense" else target
             cells, pts = [], []
             for E in cols:
@@ -287,6 +288,3 @@ def write_curve_report(study, budgets: list[int], results: list[dict], stem: Pat
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(text) + "\n")
-
-
-CURVE_METHODS_ORDER = ("uniform", "tp-magnitude", "s2h")
