@@ -290,6 +290,18 @@ def curve_plan(study: Study, budgets: list[int]) -> list[list[Job]]:
     return [list(dict.fromkeys(first)), second]
 
 
+def run_phases(study: Study, phases: list[list[Job]], report_only: bool, only: int | None = None) -> list[dict]:
+    """The results of the phases' jobs: run (in parallel; finished ones are read back), or with
+    ``report_only`` only those already finished. ``only``: run just that phase."""
+    results = []
+    for i, phase in enumerate(phases):
+        if report_only:
+            results += fc.ResultStore(study.work).finished(j.key for j in phase)
+        elif only is None or only == i:
+            results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+    return results
+
+
 def measure_latency(study: Study, results: list[dict], rounds: int = 25) -> None:
     """Latency of every exported model after training, 1 thread, in this process: the models are timed
     in interleaved rounds (one call each per round) and each gets its minimum, so a busy moment of the
@@ -336,13 +348,8 @@ def main(argv=None) -> None:
             p.error("--curve: every budget must be at least 2 epochs (Torch-Pruning trains E/2, then fine-tunes E/2)")
         return run_curve(study, a.curve, Path(a.results), a.report_only)
     t0 = time.perf_counter()
-    results = []
     phases = plan(study)
-    for i, phase in enumerate(phases):
-        if a.report_only:
-            results += fc.ResultStore(study.work).finished(j.key for j in phase)
-        elif a.phase is None or a.phase == i:
-            results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+    results = run_phases(study, phases, a.report_only, only=a.phase)
     if a.phase is not None:
         return
     if study.latency:
@@ -363,13 +370,7 @@ def run_curve(study: Study, budgets: list[int], out: Path, report_only: bool) ->
     from fashion_report import write_curve_report
 
     t0 = time.perf_counter()
-    phases = curve_plan(study, budgets)
-    results = []
-    for phase in phases:
-        if report_only:
-            results += fc.ResultStore(study.work).finished(j.key for j in phase)
-        else:
-            results += fc.run_parallel(run_job, [(j, study) for j in phase], study.workers)
+    results = run_phases(study, curve_plan(study, budgets), report_only)
     # dense at every budget where the work folder has it (the main study's E, Torch-Pruning's E/2)
     results += fc.ResultStore(study.work).finished(Job("dense", s, epochs=E).key for E in budgets for s in study.seeds)
     out.mkdir(parents=True, exist_ok=True)
